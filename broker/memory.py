@@ -1,0 +1,178 @@
+"""The in-process broker: the embedded default, with the same routing and settling semantics."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
+from broker.transport import RawMessage, Transport
+from shared.chunks import DEFAULT_CHUNK_SIZE
+from shared.errors import PublishError, TransportError
+
+
+@dataclass
+class _Queued:
+    body: bytes
+    headers: dict[str, Any]
+    redelivered: bool = False
+
+
+@dataclass
+class _Exchange:
+    kind: str
+    bindings: dict[str, set[str]] = field(default_factory=dict)
+
+
+class MemoryBroker:
+    """Exchanges, queues and bindings in one process, shared by the transports connected to it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._exchanges: dict[str, _Exchange] = {}
+        self._queues: dict[str, deque[_Queued]] = {}
+
+    def declare_exchange(self, name: str, kind: str) -> None:
+        """Create an exchange of kind direct or fanout if it does not exist."""
+        with self._lock:
+            self._exchanges.setdefault(name, _Exchange(kind))
+
+    def declare_queue(self, name: str) -> None:
+        """Create a queue if it does not exist."""
+        with self._lock:
+            self._queues.setdefault(name, deque())
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        """Route messages of an exchange with this key (any key for fanout) to a queue."""
+        with self._lock:
+            self._exchanges[exchange].bindings.setdefault(routing_key, set()).add(queue)
+
+    def route(self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]) -> None:
+        """Put a message on every bound queue; raise PublishError if none (mandatory)."""
+        with self._lock:
+            ex = self._exchanges.get(exchange)
+            if ex is None:
+                raise PublishError(f"no exchange {exchange!r}")
+            if ex.kind == "fanout":
+                targets = set().union(*ex.bindings.values()) if ex.bindings else set()
+            else:
+                targets = ex.bindings.get(routing_key, set())
+            if not targets:
+                raise PublishError(f"message to {exchange!r}/{routing_key!r} is unroutable")
+            for queue in targets:
+                self._queues[queue].append(_Queued(body, headers))
+            self._lock.notify_all()
+
+    def take(self, queues: list[str], timeout: float) -> tuple[str, _Queued] | None:
+        """Pop the first message of any of the queues, waiting up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for queue in queues:
+                    pending = self._queues.get(queue)
+                    if pending:
+                        return queue, pending.popleft()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._lock.wait(remaining)
+
+    def give_back(self, queue: str, message: _Queued) -> None:
+        """Requeue a message at the head of its queue, marked redelivered."""
+        with self._lock:
+            message.redelivered = True
+            self._queues[queue].appendleft(message)
+            self._lock.notify_all()
+
+    def depth(self, queue: str) -> int:
+        """Messages ready in a queue."""
+        with self._lock:
+            return len(self._queues.get(queue, ()))
+
+    def purge(self, queue: str) -> int:
+        """Drop the ready messages of a queue; return how many."""
+        with self._lock:
+            pending = self._queues.get(queue, deque())
+            count = len(pending)
+            pending.clear()
+            return count
+
+
+class MemoryTransport(Transport):
+    """A Transport over a MemoryBroker: the embedded default for a federation in one process."""
+
+    def __init__(
+        self, broker: MemoryBroker, topology: Topology, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> None:
+        super().__init__(topology, chunk_size)
+        self.broker = broker
+        self._subscribed: list[str] = []
+        self._unacked: dict[int, tuple[str, _Queued]] = {}
+        self._tags = itertools.count(1)
+        self._closed = False
+
+    def declare(self) -> None:
+        """Declare jobs, updates and dead exchanges and queues."""
+        t, b = self.topology, self.broker
+        for name, kind, key in (
+            (t.jobs, "direct", JOB_ROUTING_KEY),
+            (t.updates, "direct", UPDATE_ROUTING_KEY),
+            (t.dead, "fanout", ""),
+        ):
+            b.declare_exchange(name, kind)
+            b.declare_queue(name)
+            b.bind(name, name, key)
+        b.declare_exchange(t.tasks, "direct")
+
+    def declare_worker(self, worker_id: str) -> None:
+        """Declare a worker's task queue bound by its id."""
+        queue = self.topology.task_queue(worker_id)
+        self.broker.declare_exchange(self.topology.tasks, "direct")
+        self.broker.declare_queue(queue)
+        self.broker.bind(queue, self.topology.tasks, worker_id)
+
+    def subscribe(self, queue: str) -> None:
+        """Consume from a queue."""
+        self.broker.declare_queue(queue)
+        if queue not in self._subscribed:
+            self._subscribed.append(queue)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("transport is closed")
+
+    def _publish_raw(self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]) -> None:
+        self._check_open()
+        self.broker.route(exchange, routing_key, bytes(body), headers)
+
+    def _receive_raw(self, timeout: float) -> RawMessage | None:
+        self._check_open()
+        taken = self.broker.take(self._subscribed, timeout)
+        if taken is None:
+            return None
+        queue, message = taken
+        tag = next(self._tags)
+        self._unacked[tag] = taken
+        return RawMessage(message.body, queue, tag, dict(message.headers), message.redelivered)
+
+    def _settle_raw(self, handle: Any, ack: bool, requeue: bool) -> None:
+        queue, message = self._unacked.pop(handle)
+        if not ack and requeue:
+            self.broker.give_back(queue, message)
+        elif not ack:
+            self.broker.route(self.topology.dead, "", message.body, message.headers)
+
+    def purge(self, queue: str) -> int:
+        """Drop every ready message of a queue."""
+        return self.broker.purge(queue)
+
+    def close(self) -> None:
+        """Requeue unsettled messages, as a broker does when a connection closes."""
+        for queue, message in self._unacked.values():
+            self.broker.give_back(queue, message)
+        self._unacked.clear()
+        self._closed = True

@@ -1,0 +1,209 @@
+"""Job specifications: what to train and how, shared by job files, the wire and the services."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from shared.errors import ConfigError, FieldError
+
+STRATEGIES = ("fedavg", "fedbuff", "fedasync")
+STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
+OPTIMIZERS = ("sgd", "adam")
+UPDATE_KINDS = ("weights", "delta")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which architecture to build: a registry name, the input shape and the number of classes."""
+
+    name: str = "cnn"
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    num_classes: int = 10
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training at a worker: E epochs of SGD or Adam, optional FedProx term."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    mu: float = 0.0
+    send: str = "weights"
+    max_batches: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "training.epochs must be >= 1")
+        _require(self.batch_size >= 1, "training.batch_size must be >= 1")
+        _require(self.optimizer in OPTIMIZERS, f"training.optimizer must be one of {OPTIMIZERS}")
+        _require(self.lr > 0, "training.lr must be > 0")
+        _require(self.mu >= 0, "training.mu must be >= 0")
+        _require(self.send in UPDATE_KINDS, f"training.send must be one of {UPDATE_KINDS}")
+        _require(self.max_batches >= 0, "training.max_batches must be >= 0 (0: no limit)")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Aggregation strategy and its parameters; parameters of other strategies are ignored."""
+
+    name: str = "fedavg"
+    # fedavg: a round closes at min_updates, or at the deadline with min_updates_on_deadline.
+    fraction: float = 1.0
+    min_updates: int = 0
+    round_deadline_s: float = 120.0
+    min_updates_on_deadline: int = 1
+    # fedbuff: buffer of K updates, server learning rate.
+    buffer_size: int = 4
+    server_lr: float = 1.0
+    # fedasync: mixing weight.
+    alpha: float = 0.6
+    # staleness: f(s) and the hard limit (None: no limit).
+    staleness: str = "polynomial"
+    staleness_a: float = 0.5
+    staleness_b: float = 4.0
+    max_staleness: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.name in STRATEGIES, f"strategy.name must be one of {STRATEGIES}")
+        _require(0 < self.fraction <= 1, "strategy.fraction must be in (0, 1]")
+        _require(self.min_updates >= 0, "strategy.min_updates must be >= 0 (0: all selected)")
+        _require(self.round_deadline_s > 0, "strategy.round_deadline_s must be > 0")
+        _require(self.min_updates_on_deadline >= 1, "strategy.min_updates_on_deadline >= 1")
+        _require(self.buffer_size >= 1, "strategy.buffer_size must be >= 1")
+        _require(self.server_lr > 0, "strategy.server_lr must be > 0")
+        _require(0 < self.alpha <= 1, "strategy.alpha must be in (0, 1]")
+        _require(
+            self.staleness in STALENESS_FUNCTIONS,
+            f"strategy.staleness must be one of {STALENESS_FUNCTIONS}",
+        )
+        _require(self.staleness_a >= 0, "strategy.staleness_a must be >= 0")
+        _require(self.staleness_b >= 0, "strategy.staleness_b must be >= 0")
+        _require(
+            self.max_staleness is None or self.max_staleness >= 0,
+            "strategy.max_staleness must be >= 0",
+        )
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    """When a job ends: whichever limit is reached first."""
+
+    max_versions: int | None = 200
+    target_accuracy: float | None = None
+    max_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_versions is not None or self.max_time_s is not None,
+            "stop needs max_versions or max_time_s so that a job always ends",
+        )
+        _require(self.max_versions is None or self.max_versions >= 1, "stop.max_versions >= 1")
+        _require(
+            self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+            "stop.target_accuracy must be in (0, 1]",
+        )
+        _require(self.max_time_s is None or self.max_time_s > 0, "stop.max_time_s must be > 0")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole training job: model, evaluation data, strategy, local training and stop rules."""
+
+    name: str = "job"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    dataset: str = "mnist5k"
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    seed: int = 0
+    eval_every: int = 1
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_value(name: str, value: Any, annotation: Any) -> Any:
+    """Check one value against a simple annotation and return it normalised."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [opt for opt in options if opt is not type(None)]
+        return _check_value(name, value, inner)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(type(v) is int for v in value):
+            raise FieldError(f"{name} must be a list of integers")
+        return tuple(value)
+    if annotation is float:
+        if type(value) not in (int, float):
+            raise FieldError(f"{name} must be a number")
+        return float(value)
+    if annotation is int:
+        if type(value) is not int:
+            raise FieldError(f"{name} must be an integer")
+        return value
+    if annotation in (str, bool):
+        if type(value) is not annotation:
+            raise FieldError(f"{name} must be a {annotation.__name__}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, prefix=f"{name}.")  # type: ignore[arg-type]
+    raise FieldError(f"{name}: unsupported annotation {annotation}")
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build a spec dataclass from a plain map, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise FieldError(f"{prefix.rstrip('.') or cls.__name__} must be a map")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise FieldError(f"unknown keys {[prefix + k for k in unknown]}")
+    values = {key: _check_value(prefix + key, value, hints[key]) for key, value in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise FieldError(str(e)) from e
+
+
+def to_dict(spec: Any) -> dict[str, Any]:
+    """Return a spec dataclass as a plain map (tuples as lists) for msgpack, JSON or TOML."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def load_job_file(path: str) -> JobSpec:
+    """Read a job TOML file into a JobSpec; errors name the file and the offending key."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as e:
+        raise ConfigError(f"cannot read job file {path}: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"job file {path} is not valid TOML: {e}") from e
+    try:
+        return from_dict(JobSpec, data)
+    except FieldError as e:
+        raise ConfigError(f"job file {path}: {e}") from e
