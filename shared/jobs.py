@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from shared.errors import ConfigError, FieldError
+from shared.settings import TOMLDecodeError, from_dict, to_dict, toml_load
 
 STRATEGIES = ("fedavg", "fedbuff", "fedasync")
 STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 OPTIMIZERS = ("sgd", "adam")
 UPDATE_KINDS = ("weights", "delta")
 
-T = TypeVar("T")
+__all__ = ["JobSpec", "ModelSpec", "StopConfig", "StrategyConfig", "TrainingConfig", "from_dict"]
+__all__ += ["load_job_file", "to_dict"]
 
 
 @dataclass(frozen=True)
@@ -133,75 +131,14 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_value(name: str, value: Any, annotation: Any) -> Any:
-    """Check one value against a simple annotation and return it normalised."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [opt for opt in options if opt is not type(None)]
-        return _check_value(name, value, inner)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(type(v) is int for v in value):
-            raise FieldError(f"{name} must be a list of integers")
-        return tuple(value)
-    if annotation is float:
-        if type(value) not in (int, float):
-            raise FieldError(f"{name} must be a number")
-        return float(value)
-    if annotation is int:
-        if type(value) is not int:
-            raise FieldError(f"{name} must be an integer")
-        return value
-    if annotation in (str, bool):
-        if type(value) is not annotation:
-            raise FieldError(f"{name} must be a {annotation.__name__}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, prefix=f"{name}.")  # type: ignore[arg-type]
-    raise FieldError(f"{name}: unsupported annotation {annotation}")
-
-
-def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
-    """Build a spec dataclass from a plain map, rejecting unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise FieldError(f"{prefix.rstrip('.') or cls.__name__} must be a map")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise FieldError(f"unknown keys {[prefix + k for k in unknown]}")
-    values = {key: _check_value(prefix + key, value, hints[key]) for key, value in data.items()}
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise FieldError(str(e)) from e
-
-
-def to_dict(spec: Any) -> dict[str, Any]:
-    """Return a spec dataclass as a plain map (tuples as lists) for msgpack, JSON or TOML."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
-
-
 def load_job_file(path: str) -> JobSpec:
     """Read a job TOML file into a JobSpec; errors name the file and the offending key."""
-    import tomllib
-
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            data = toml_load(fh)
     except OSError as e:
         raise ConfigError(f"cannot read job file {path}: {e}") from e
-    except tomllib.TOMLDecodeError as e:
+    except TOMLDecodeError as e:
         raise ConfigError(f"job file {path} is not valid TOML: {e}") from e
     try:
         return from_dict(JobSpec, data)

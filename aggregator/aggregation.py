@@ -1,0 +1,137 @@
+"""Pure aggregation math: staleness factors, weighted FedAvg, FedBuff and FedAsync steps.
+
+Functions here take and return numpy arrays and plain values; they do no I/O and keep no state
+beyond the accumulator objects handed to them, so the same inputs always give the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from shared.jobs import StrategyConfig
+from shared.tensors import Tensors
+
+
+def is_averaged(array: np.ndarray) -> bool:
+    """Only floating-point tensors are averaged; integer buffers are taken, never averaged."""
+    return array.dtype.kind == "f"
+
+
+def staleness_factor(staleness: int, config: StrategyConfig) -> float:
+    """Return f(s) of the configured staleness function (constant, polynomial(a), hinge(a, b))."""
+    if staleness < 0:
+        raise ValueError("staleness must be >= 0")
+    if config.staleness == "constant":
+        return 1.0
+    if config.staleness == "polynomial":
+        return float((staleness + 1) ** (-config.staleness_a))
+    if config.staleness == "hinge":
+        if staleness <= config.staleness_b:
+            return 1.0
+        return 1.0 / (config.staleness_a * (staleness - config.staleness_b) + 1.0)
+    raise ValueError(f"unknown staleness function {config.staleness!r}")
+
+
+class WeightedSum:
+    """A running sum of weighted tensors: memory is one model's worth, whatever the count.
+
+    Floating-point tensors accumulate weight * value (float16 sums in float32 so small weights
+    are not lost); other tensors keep the value of the newest add. `total_weight` sums the
+    weights; `norm` sums the normalising weights, which FedBuff keeps apart (n_i, not n_i f(s_i)).
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray]) -> None:
+        self.sums: Tensors = {
+            name: np.zeros(a.shape, np.float32 if a.dtype == np.float16 else a.dtype)
+            for name, a in reference.items()
+        }
+        self._scratch = {name: np.empty_like(s) for name, s in self.sums.items() if is_averaged(s)}
+        self.total_weight = 0.0
+        self.norm = 0.0
+        self.count = 0
+
+    def add(
+        self, tensors: Mapping[str, np.ndarray], weight: float, norm: float | None = None
+    ) -> None:
+        """Add weight * tensors (floating-point entries) and remember the others."""
+        if not weight > 0:
+            raise ValueError("weight must be > 0")
+        for name, total in self.sums.items():
+            value = tensors[name]
+            if is_averaged(total):
+                # Into a reusable buffer, so that no model-sized temporary is allocated per update.
+                scratch = self._scratch[name]
+                np.multiply(value, weight, out=scratch, casting="unsafe")
+                total += scratch
+            else:
+                self.sums[name] = value.copy()
+        self.total_weight += weight
+        self.norm += weight if norm is None else norm
+        self.count += 1
+
+    def mean(self) -> Tensors:
+        """Return sum / total weight for floating tensors, the newest value for the others."""
+        if not self.total_weight > 0:
+            raise ValueError("nothing to average")
+        return {
+            name: (s / self.total_weight if is_averaged(s) else s) for name, s in self.sums.items()
+        }
+
+
+def cast_like(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Tensors:
+    """Return tensors cast to the reference's dtypes (float32 sums back to float16, etc.)."""
+    return {
+        name: np.asarray(tensors[name], dtype=ref.dtype) for name, ref in reference.items()
+    }
+
+
+def fedavg(
+    updates: list[tuple[Mapping[str, np.ndarray], float]], reference: Mapping[str, np.ndarray]
+) -> Tensors:
+    """Weighted FedAvg: sum_i (w_i / sum w) * y_i over floating tensors; others from the last."""
+    acc = WeightedSum(reference)
+    for tensors, weight in updates:
+        acc.add(tensors, weight)
+    return cast_like(acc.mean(), reference)
+
+
+def fedbuff_step(
+    model: Mapping[str, np.ndarray], buffer: WeightedSum, server_lr: float
+) -> Tensors:
+    """FedBuff: x + eta_g * (sum_i n_i f(s_i) d_i) / (sum_i n_i); non-float tensors are kept.
+
+    The buffer must have been filled with add(delta, n_i * f(s_i), norm=n_i).
+    """
+    if not buffer.norm > 0:
+        raise ValueError("the buffer is empty")
+    return apply_delta(model, buffer.sums, server_lr / buffer.norm)
+
+
+def apply_delta(
+    model: Mapping[str, np.ndarray], delta_sum: Mapping[str, np.ndarray], scale: float
+) -> Tensors:
+    """Return model + scale * delta_sum for floating tensors; other tensors stay as they are."""
+    return {
+        name: (
+            (x + scale * delta_sum[name]).astype(x.dtype, copy=False) if is_averaged(x) else x
+        )
+        for name, x in model.items()
+    }
+
+
+def mix(
+    model: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray], alpha: float
+) -> Tensors:
+    """FedAsync: (1 - alpha) * x + alpha * y for floating tensors; others taken from y."""
+    if not 0 < alpha <= 1:
+        raise ValueError("alpha must be in (0, 1]")
+    out: Tensors = {}
+    for name, x in model.items():
+        y = weights[name]
+        if is_averaged(x):
+            out[name] = ((1.0 - alpha) * x + alpha * y).astype(x.dtype, copy=False)
+        else:
+            out[name] = y.copy()
+    return out

@@ -1,0 +1,268 @@
+"""`fedq run`: a whole federation on one machine, in one process or as separate processes.
+
+This launcher is the one module allowed to import both the aggregator and the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from aggregator.cli import LOG_FORMAT, submit_job
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from broker import MemoryBroker, MemoryTransport, Topology
+from shared.datasets import dataset_shape, load_dataset
+from shared.errors import ConfigError
+from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig, load_job_file
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Flags of `fedq run`."""
+    p = argparse.ArgumentParser(prog="fedq run", description="Run a federation on this machine.")
+    p.add_argument("--job", help="job TOML file; the flags below override it")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--strategy", choices=["fedavg", "fedbuff", "fedasync"])
+    p.add_argument("--model", help="fednet | cnn | mlp | torchvision:NAME | module:function")
+    p.add_argument("--dataset", help="mnist5k | digits | a data set spec")
+    p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
+    p.add_argument("--target-accuracy", type=float)
+    p.add_argument("--max-time", type=float, help="seconds")
+    p.add_argument("--max-versions", type=int)
+    p.add_argument("--slowdown", help="per-worker factors, e.g. 1,1,1,5")
+    p.add_argument("--broker", default="memory", help="memory | amqp://...")
+    p.add_argument("--out", help="run directory (default runs/<job id>)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--mu", type=float, help="FedProx proximal term")
+    p.add_argument("--buffer-size", type=int, help="FedBuff K")
+    p.add_argument("--server-lr", type=float, help="FedBuff server learning rate")
+    p.add_argument("--alpha", type=float, help="FedAsync mixing weight")
+    p.add_argument("--staleness", choices=["constant", "polynomial", "hinge"])
+    p.add_argument("--max-staleness", type=int)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: auto)")
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.add_argument("--log-level", default=os.environ.get("FEDQ_LOG_LEVEL", "WARNING"))
+    return p.parse_args(argv)
+
+
+def job_spec(args: argparse.Namespace) -> JobSpec:
+    """The job: a job file if given, the demo defaults otherwise, then the flags on top."""
+    spec = load_job_file(args.job) if args.job else JobSpec(
+        name="demo", stop=StopConfig(max_versions=100, target_accuracy=0.95, max_time_s=600)
+    )
+    dataset = args.dataset or spec.dataset
+    shape, classes = dataset_shape(load_dataset(dataset, "test"))
+    model = ModelSpec(args.model or spec.model.name, tuple(shape), classes)
+    strategy = _with(spec.strategy, StrategyConfig, name=args.strategy, buffer_size=args.buffer_size,
+                     server_lr=args.server_lr, alpha=args.alpha, staleness=args.staleness,
+                     max_staleness=args.max_staleness)
+    training = _with(spec.training, TrainingConfig, epochs=args.epochs, batch_size=args.batch_size,
+                     lr=args.lr, optimizer=args.optimizer, mu=args.mu)
+    stop = _with(spec.stop, StopConfig, target_accuracy=args.target_accuracy,
+                 max_time_s=args.max_time, max_versions=args.max_versions)
+    seed = spec.seed if args.seed is None else args.seed
+    return replace(spec, dataset=dataset, model=model, strategy=strategy, training=training,
+                   stop=stop, seed=seed)
+
+
+def _with(config: Any, cls: type, **changes: Any) -> Any:
+    """A copy of a frozen config with the non-None changes applied (validated again)."""
+    values = {k: v for k, v in changes.items() if v is not None}
+    return cls(**{**config.__dict__, **values})
+
+
+def slowdowns(text: str | None, workers: int) -> list[float]:
+    """Per-worker slowdown factors; missing ones are 1."""
+    if not text:
+        return [1.0] * workers
+    try:
+        factors = [float(f) for f in text.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--slowdown must be comma-separated numbers: {text!r}") from e
+    if len(factors) > workers or any(f < 1 for f in factors):
+        raise ConfigError("--slowdown needs at most one factor >= 1 per worker")
+    return factors + [1.0] * (workers - len(factors))
+
+
+def run_main(argv: Sequence[str] | None = None) -> int:
+    """Run a federation, show live progress, print the summary; exit 0 when it completed."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    if args.workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    spec = job_spec(args)
+    factors = slowdowns(args.slowdown, args.workers)
+    job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
+    out = Path(args.out or f"runs/{job_id}")
+    if (out / "history.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"fedq run: job {job_id}, {args.workers} workers, {spec.strategy.name}, "
+          f"model {spec.model.name}, {spec.dataset} {args.partition}, broker {args.broker}")
+    print(f"  run directory: {out}")
+    progress = Progress(out / "history.jsonl", quiet=args.quiet)
+    if args.broker == "memory":
+        run_embedded(spec, job_id, args, factors, out, progress)
+    else:
+        run_processes(spec, job_id, args, factors, out, progress)
+    summary = json.loads((out / "summary.json").read_text())
+    print_summary(summary)
+    return 0
+
+
+def worker_threads(args: argparse.Namespace, processes: int) -> int:
+    """Torch threads per worker: the cores shared out, at least one."""
+    return args.threads or max(1, (os.cpu_count() or 1) // processes)
+
+
+def run_embedded(spec: JobSpec, job_id: str, args: argparse.Namespace, factors: list[float],
+                 out: Path, progress: Progress) -> None:
+    """Aggregator and workers as threads of this process over the in-process broker."""
+    from worker.cli import build_worker
+    from worker.settings import WorkerSettings
+
+    # One process: torch's thread pool is shared by every worker thread.
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, args.threads or os.cpu_count() or 1)))
+    memory = MemoryBroker()
+    topology = Topology("fedq")
+    settings = AggregatorSettings(broker="memory", output_dir=str(out), max_jobs=1,
+                                  state_dir=str(out / "state"))
+    agg_transport = MemoryTransport(memory, topology)
+    aggregator = AggregatorService(agg_transport, settings, AggregatorMetrics(CollectorRegistry()))
+    agg_transport.declare()
+    workers = []
+    for index in range(args.workers):
+        ws = WorkerSettings(
+            worker_id=f"w{index}", broker="memory", dataset=spec.dataset, partition=args.partition,
+            num_partitions=args.workers, partition_index=index, slowdown=factors[index],
+            seed=spec.seed + index, device="cpu", hello_interval_s=2.0,
+        )
+        workers.append(build_worker(ws, memory=memory))
+    threads = [threading.Thread(target=w.run, name=w.worker_id, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    agg_transport.publish(topology.jobs, "job", _job_body(job_id, spec))
+    agg_thread = threading.Thread(target=aggregator.run, name="aggregator", daemon=True)
+    agg_thread.start()
+    while agg_thread.is_alive():
+        agg_thread.join(0.5)
+        progress.poll()
+    progress.poll()
+    for w in workers:
+        w.stop()
+    for t in threads:
+        t.join(60)
+
+
+def _job_body(job_id: str, spec: JobSpec) -> bytes:
+    from shared.messages import Job, encode_message
+
+    return encode_message(Job(job_id, spec))
+
+
+def run_processes(spec: JobSpec, job_id: str, args: argparse.Namespace, factors: list[float],
+                  out: Path, progress: Progress) -> None:
+    """The aggregator and each worker as separate processes over RabbitMQ."""
+    prefix = f"fedq-run-{uuid.uuid4().hex[:6]}"
+    threads = worker_threads(args, args.workers)
+    common = ["--broker", args.broker, "--prefix", prefix, "--log-level", args.log_level]
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    aggregator = _spawn("aggregator", common + ["--state-dir", str(out / "state"),
+                        "--output-dir", str(out), "--max-jobs", "1"], logs / "aggregator.log")
+    workers = [
+        _spawn("worker", common + [
+            "--worker-id", f"w{i}", "--dataset", spec.dataset, "--partition", args.partition,
+            "--num-partitions", str(args.workers), "--partition-index", str(i),
+            "--slowdown", str(factors[i]), "--seed", str(spec.seed + i), "--threads", str(threads),
+        ], logs / f"worker-w{i}.log")
+        for i in range(args.workers)
+    ]
+    try:
+        submit_job(args.broker, prefix, job_id, spec)
+        while aggregator.poll() is None:
+            time.sleep(0.5)
+            progress.poll()
+            dead = [w for w in workers if w.poll() is not None]
+            if len(dead) == len(workers):
+                raise ConfigError(f"every worker exited; see {logs}")
+        progress.poll()
+        if aggregator.returncode != 0:
+            raise ConfigError(f"the aggregator failed (exit {aggregator.returncode}); see {logs}")
+    finally:
+        for proc in [*workers, aggregator]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*workers, aggregator]:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _spawn(service: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", service, *argv], stdout=fh,
+                                stderr=subprocess.STDOUT)
+
+
+class Progress:
+    """Prints one line per new model version by following history.jsonl."""
+
+    def __init__(self, path: Path, quiet: bool) -> None:
+        self.path = path
+        self.quiet = quiet
+        self._offset = 0
+
+    def poll(self) -> None:
+        """Print the versions written since the last poll."""
+        if self.quiet or not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as fh:
+            fh.seek(self._offset)
+            for line in fh:
+                if not line.endswith("\n"):
+                    break
+                self._offset += len(line.encode())
+                self._show(json.loads(line))
+
+    @staticmethod
+    def _show(r: dict[str, Any]) -> None:
+        acc = "   n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:5.2f}%"
+        rate = r["updates_accepted"] / r["time_s"] if r["time_s"] > 0 else 0.0
+        print(f"  v{r['version']:<4} t={r['time_s']:7.1f}s  accuracy {acc}  "
+              f"updates {r['updates']:>2}  {rate:5.2f} upd/s  staleness {r['mean_staleness']:.2f}",
+              flush=True)
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    """The run's outcome in a few lines."""
+    target = s.get("target_accuracy")
+    reached = "n/a"
+    if target is not None:
+        reached = f"{s['time_to_target_s']:.1f}s" if s["reached_target"] else "not reached"
+    print(f"summary: {s['stop_reason']} after {s['wall_time_s']:.1f}s, {s['versions']} versions, "
+          f"final accuracy {100 * (s['final_accuracy'] or 0):.2f}% "
+          f"(best {100 * s['best_accuracy']:.2f}%), time to {target}: {reached}, "
+          f"updates accepted {s['updates_accepted']}, rejected {s['updates_rejected']}")

@@ -1,0 +1,55 @@
+"""A job's run directory: history.jsonl, summary.json and the final model as safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save as safetensors_save
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDirectory:
+    """Writes one job's outputs; history lines are appended and flushed as versions appear."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self._history = open(path / "history.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def append_history(self, record: Mapping[str, Any]) -> None:
+        """Append one version's record to history.jsonl."""
+        self._history.write(json.dumps(record, sort_keys=True) + "\n")
+        self._history.flush()
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write summary.json atomically."""
+        write_atomic(self.path / "summary.json", json.dumps(summary, indent=2).encode() + b"\n")
+
+    def write_model(self, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        """Write the model as model.safetensors (names in state_dict order), atomically."""
+        contiguous = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+        write_atomic(self.path / "model.safetensors", safetensors_save(contiguous, dict(metadata)))
+
+    def close(self) -> None:
+        """Close the history file."""
+        self._history.close()

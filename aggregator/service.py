@@ -1,0 +1,341 @@
+"""The aggregator service: takes jobs from the queue, folds updates in, publishes new versions."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aggregator.evaluation import Evaluator
+from aggregator.metrics import AggregatorMetrics
+from aggregator.output import RunDirectory
+from aggregator.settings import AggregatorSettings
+from aggregator.state import Accepted, JobState
+from broker.transport import Delivery, Transport
+from shared.errors import ProtocolError
+from shared.jobs import TrainingConfig, to_dict
+from shared.messages import GlobalModel, Hello, Job, Task, Update, decode_message, encode_message
+from shared.models import build_model, state_to_numpy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    """The job being trained, with what the service holds for it besides the state machine."""
+
+    job: Job
+    delivery: Delivery
+    state: JobState
+    evaluator: Evaluator
+    output: RunDirectory
+    started_wall: float
+    best_accuracy: float = 0.0
+    last_accuracy: float | None = None
+    last_loss: float | None = None
+    time_to_target_s: float | None = None
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
+class AggregatorService:
+    """Runs jobs one at a time in queue order; see docs/architecture.md for the message flow."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        settings: AggregatorSettings,
+        metrics: AggregatorMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.transport = transport
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.transport.on_reject = lambda reason: metrics.updates_rejected.labels(reason).inc()
+        self._stopping = False
+        self._job: _Running | None = None
+        self._queued_jobs: deque[tuple[Job, Delivery]] = deque()
+        self._finished_jobs: set[str] = set()
+        self._known_workers: dict[str, tuple[float, int]] = {}
+        self.jobs_done = 0
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        """Serve until stop() or, in burst mode, until max_jobs jobs are done."""
+        t = self.transport
+        t.declare()
+        t.subscribe(t.topology.jobs)
+        t.subscribe(t.topology.updates)
+        logger.info("aggregator ready on %s", t.topology.prefix)
+        while not self._stopping:
+            self.step(self.settings.poll_interval_s)
+            if self.settings.max_jobs and self.jobs_done >= self.settings.max_jobs:
+                break
+
+    def stop(self) -> None:
+        """Ask the loop to return after the current step (safe from a signal handler)."""
+        self._stopping = True
+
+    def step(self, timeout: float) -> bool:
+        """Handle at most one message and the clock's consequences; return whether one came."""
+        delivery = self.transport.receive(timeout)
+        if delivery is not None:
+            self._handle(delivery)
+        self._tick()
+        return delivery is not None
+
+    def run_until_idle(self, idle_s: float = 0.2) -> None:
+        """Process messages until none arrives for idle_s (tests)."""
+        while self.step(idle_s):
+            pass
+
+    # ------------------------------------------------------------------ messages
+
+    def _handle(self, delivery: Delivery) -> None:
+        try:
+            message = decode_message(delivery.body)
+        except ProtocolError as e:
+            logger.warning("rejecting a message from %s: %s", delivery.queue, e)
+            self.transport.reject(delivery, e.reason)
+            return
+        if isinstance(message, Job):
+            logger.info("job %s queued (%s)", message.job_id, message.spec.strategy.name)
+            self._queued_jobs.append((message, delivery))
+        elif isinstance(message, Hello):
+            self._on_hello(message)
+            self.transport.ack(delivery)
+        elif isinstance(message, Update):
+            self._on_update(message, delivery)
+        else:
+            self.transport.reject(delivery, "unexpected_type")
+
+    def _on_hello(self, hello: Hello) -> None:
+        now = self.clock()
+        self._known_workers[hello.worker_id] = (now, hello.num_samples)
+        if self._job is not None:
+            self._job.state.note_worker(hello.worker_id, now, hello.num_samples)
+            self._job.state.note_idle(hello.worker_id, now)
+
+    def _on_update(self, update: Update, delivery: Delivery) -> None:
+        self.metrics.updates_received.inc()
+        self.metrics.update_size.observe(len(delivery.body))
+        running = self._job
+        if running is None or update.job_id != running.job.job_id:
+            finished = update.job_id in self._finished_jobs
+            self._reject(delivery, "job_finished" if finished else "unknown_job", update.update_id)
+            return
+        running.bytes_received += len(delivery.body)
+        self.metrics.bytes_received.inc(len(delivery.body))
+        started = time.perf_counter()
+        outcome = running.state.offer(update, self.clock())
+        if not isinstance(outcome, Accepted):
+            logger.warning("rejecting update %s: %s", update.update_id, outcome.detail)
+            self._reject(delivery, outcome.reason, update.update_id)
+            return
+        self.metrics.updates_accepted.inc()
+        self.metrics.staleness.observe(outcome.staleness)
+        if outcome.new_version is not None:
+            self._on_new_version(running)
+        self.metrics.aggregation_duration.observe(time.perf_counter() - started)
+        self.transport.ack(delivery)
+
+    def _reject(self, delivery: Delivery, reason: str, update_id: str) -> None:
+        logger.info("update %s rejected: %s", update_id, reason)
+        self.transport.reject(delivery, reason)
+
+    # ------------------------------------------------------------------ jobs
+
+    def _tick(self) -> None:
+        running = self._job
+        if running is None:
+            if self._queued_jobs:
+                self._start(*self._queued_jobs.popleft())
+            return
+        now = self.clock()
+        if running.state.check_deadline(now) is not None:
+            self._on_new_version(running)
+        elif self._stop_reason(running) is not None:
+            self._finish(running)
+        if self._job is not None:
+            self._dispatch(running)
+
+    def _start(self, job: Job, delivery: Delivery) -> None:
+        spec = job.spec
+        now = self.clock()
+        initial = state_to_numpy(build_model(spec.model, seed=spec.seed))
+        state = JobState(job, initial, now, self.settings.worker_timeout_s)
+        for worker_id, (seen, samples) in self._known_workers.items():
+            state.note_worker(worker_id, seen, samples)
+        output_dir = self.settings.output_dir or str(
+            Path(self.settings.state_dir) / "jobs" / job.job_id
+        )
+        evaluator = Evaluator(
+            spec.model, spec.dataset, self.settings.eval_batch_size, self.settings.eval_device
+        )
+        running = _Running(job, delivery, state, evaluator, RunDirectory(Path(output_dir)), time.time())
+        self._job = running
+        self.metrics.job_running.set(1)
+        logger.info("job %s started: %s, model %s", job.job_id, spec.strategy.name, spec.model.name)
+        self._record_version(running)
+        self._dispatch(running)
+
+    def _dispatch(self, running: _Running) -> None:
+        state = running.state
+        now = self.clock()
+        workers = state.workers_to_task(now)
+        if not workers:
+            return
+        training = _training_for(running.job, state.update_kind)
+        model = GlobalModel(
+            running.job.job_id, state.version, running.job.spec.model, state.model,
+            _version_metrics(running),
+        )
+        for worker_id in workers:
+            task = Task(
+                job_id=running.job.job_id,
+                task_id=uuid.uuid4().hex,
+                worker_id=worker_id,
+                round=state.round,
+                training=training,
+                model=model,
+            )
+            body = encode_message(task)
+            self.transport.publish(self.transport.topology.tasks, worker_id, body)
+            running.bytes_sent += len(body)
+            self.metrics.bytes_sent.inc(len(body))
+            state.note_task(worker_id, task.task_id, now)
+        self.metrics.workers_active.set(len(state.alive_workers(now)))
+
+    def _on_new_version(self, running: _Running) -> None:
+        self._record_version(running)
+        if self._stop_reason(running) is not None:
+            self._finish(running)
+        else:
+            self._dispatch(running)
+
+    def _record_version(self, running: _Running) -> None:
+        state = running.state
+        record = state.history[-1] if state.history else None
+        every = running.job.spec.eval_every
+        if state.version % every == 0 or self._stop_reason(running) is not None:
+            accuracy, loss = running.evaluator.evaluate(state.model)
+            running.last_accuracy, running.last_loss = accuracy, loss
+            running.best_accuracy = max(running.best_accuracy, accuracy)
+            self.metrics.eval_accuracy.set(accuracy)
+            self.metrics.eval_loss.set(loss)
+        else:
+            accuracy = loss = None
+        time_s = self.clock() - state.started_at
+        target = running.job.spec.stop.target_accuracy
+        if (
+            running.time_to_target_s is None
+            and target is not None
+            and accuracy is not None
+            and accuracy >= target
+        ):
+            running.time_to_target_s = time_s
+        self.metrics.model_version.set(state.version)
+        self.metrics.round.set(state.round or 0)
+        self.metrics.last_model_timestamp.set(time.time())
+        running.output.append_history(
+            {
+                "version": state.version,
+                "round": record.round if record else state.round,
+                "time_s": round(time_s, 4),
+                "accuracy": accuracy,
+                "loss": loss,
+                "train_loss": record.train_loss if record else None,
+                "updates": len(record.update_ids) if record else 0,
+                "update_ids": record.update_ids if record else [],
+                "mean_staleness": record.mean_staleness if record else 0.0,
+                "max_staleness": max(record.staleness, default=0) if record else 0,
+                "updates_accepted": state.accepted,
+                "updates_rejected": sum(state.rejected.values()),
+            }
+        )
+        logger.info(
+            "version %d: accuracy %s, %d updates folded", state.version,
+            "n/a" if accuracy is None else f"{accuracy:.4f}", len(record.update_ids) if record else 0,
+        )
+
+    def _stop_reason(self, running: _Running) -> str | None:
+        stop = running.job.spec.stop
+        state = running.state
+        if stop.target_accuracy is not None and (running.last_accuracy or 0.0) >= stop.target_accuracy:
+            return "target_accuracy"
+        if stop.max_versions is not None and state.version >= stop.max_versions:
+            return "max_versions"
+        if stop.max_time_s is not None and self.clock() - state.started_at >= stop.max_time_s:
+            return "max_time"
+        return None
+
+    def _finish(self, running: _Running) -> None:
+        state, spec = running.state, running.job.spec
+        reason = self._stop_reason(running) or "stopped"
+        if running.last_accuracy is None or state.history and state.version % spec.eval_every:
+            running.last_accuracy, running.last_loss = running.evaluator.evaluate(state.model)
+        running.output.write_model(
+            state.model,
+            {"job_id": running.job.job_id, "version": str(state.version), "model": spec.model.name},
+        )
+        summary = self._summary(running, reason)
+        running.output.write_summary(summary)
+        running.output.close()
+        self.transport.ack(running.delivery)
+        self._finished_jobs.add(running.job.job_id)
+        self._job = None
+        self.jobs_done += 1
+        self.metrics.job_running.set(0)
+        self.metrics.jobs_completed.inc()
+        logger.info(
+            "job %s finished (%s): version %d, accuracy %.4f", running.job.job_id, reason,
+            state.version, running.last_accuracy,
+        )
+
+    def _summary(self, running: _Running, reason: str) -> dict[str, Any]:
+        state, spec = running.state, running.job.spec
+        target = spec.stop.target_accuracy
+        return {
+            "job_id": running.job.job_id,
+            "strategy": spec.strategy.name,
+            "model": spec.model.name,
+            "stop_reason": reason,
+            "target_accuracy": target,
+            "reached_target": running.time_to_target_s is not None,
+            "time_to_target_s": running.time_to_target_s,
+            "final_accuracy": running.last_accuracy,
+            "final_loss": running.last_loss,
+            "best_accuracy": max(running.best_accuracy, running.last_accuracy or 0.0),
+            "versions": state.version,
+            "rounds": state.round,
+            "updates_accepted": state.accepted,
+            "updates_rejected": sum(state.rejected.values()),
+            "rejected_by_reason": dict(state.rejected),
+            "workers": sorted(state.workers),
+            "wall_time_s": self.clock() - state.started_at,
+            "bytes_received": running.bytes_received,
+            "bytes_sent": running.bytes_sent,
+            "spec": to_dict(spec),
+        }
+
+
+def _training_for(job: Job, kind: str) -> TrainingConfig:
+    """The job's training config with `send` set to what the strategy folds."""
+    values = to_dict(job.spec.training) | {"send": kind}
+    return TrainingConfig(**values)
+
+
+def _version_metrics(running: _Running) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if running.last_accuracy is not None:
+        out["accuracy"] = running.last_accuracy
+    if running.last_loss is not None:
+        out["loss"] = running.last_loss
+    return out

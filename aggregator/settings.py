@@ -1,0 +1,26 @@
+"""Settings of the aggregator service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.chunks import DEFAULT_CHUNK_SIZE
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    """Where the aggregator connects, keeps its state and serves metrics; how it polls."""
+
+    broker: str = "amqp://guest:guest@localhost:5672/"
+    state_dir: str = "./fedq-state"
+    # Where a job's history, summary and model go; "" means <state_dir>/jobs/<job_id>.
+    output_dir: str = ""
+    prefix: str = "fedq"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    metrics_port: int = 0
+    poll_interval_s: float = 0.2
+    worker_timeout_s: float = 60.0
+    # 0: serve jobs forever; N: exit after N jobs (burst mode for `fedq run` and tests).
+    max_jobs: int = 0
+    eval_batch_size: int = 1000
+    eval_device: str = "cpu"

@@ -1,0 +1,273 @@
+"""The aggregator's state machine for one job: versions, strategy buffers, rounds, dedupe.
+
+No I/O happens here. The service feeds it updates, hellos and clock readings and carries out
+what it decides (send tasks, evaluate and publish a new version, settle deliveries).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregator.aggregation import WeightedSum, cast_like, fedbuff_step, mix, staleness_factor
+from shared.errors import TensorError
+from shared.messages import Job, Update
+from shared.tensors import Tensors, check_finite, check_like
+
+# A task re-issued to a worker that says it is idle must be at least this old: the hello may
+# simply have crossed the task on the wire.
+REISSUE_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The update was folded in; `new_version` is set when it completed a new model version."""
+
+    update_id: str
+    staleness: int
+    new_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The update was rejected: a short stable `reason` and a human-readable detail."""
+
+    update_id: str
+    reason: str
+    detail: str
+
+
+Outcome = Accepted | Rejected
+
+
+@dataclass
+class VersionRecord:
+    """What went into one model version: for the history and for exactly-once accounting."""
+
+    version: int
+    round: int | None
+    time_s: float
+    update_ids: list[str]
+    staleness: list[int]
+    train_loss: float | None
+
+    @property
+    def mean_staleness(self) -> float:
+        """Mean staleness of the updates folded into this version."""
+        return sum(self.staleness) / len(self.staleness) if self.staleness else 0.0
+
+
+@dataclass
+class WorkerInfo:
+    """What the aggregator knows of one worker."""
+
+    last_seen: float
+    num_samples: int = 0
+    task_id: str | None = None
+    task_issued_at: float = 0.0
+    updates: int = 0
+
+
+@dataclass
+class _Pending:
+    """Updates folded since the last version: ids, staleness and the train losses."""
+
+    update_ids: list[str] = field(default_factory=list)
+    staleness: list[int] = field(default_factory=list)
+    losses: list[tuple[float, int]] = field(default_factory=list)
+
+
+class JobState:
+    """The state of one running job under its strategy; see the module docstring."""
+
+    def __init__(self, job: Job, initial: Tensors, started_at: float, worker_timeout_s: float):
+        self.job = job
+        self.strategy = job.spec.strategy
+        self.model: Tensors = {name: np.array(a) for name, a in initial.items()}
+        self.version = 0
+        self.round = 0 if self.strategy.name == "fedavg" else None
+        self.started_at = started_at
+        self.worker_timeout_s = worker_timeout_s
+        self.workers: dict[str, WorkerInfo] = {}
+        self.seen_update_ids: set[str] = set()
+        self.history: list[VersionRecord] = []
+        self.accepted = 0
+        self.rejected: dict[str, int] = {}
+        self._pending = _Pending()
+        self._buffer = WeightedSum(self.model)
+        self._round_started = started_at
+        self._round_selected: set[str] = set()
+        self._round_contributors: set[str] = set()
+        self._rng = random.Random(job.spec.seed)
+        self._mean_samples = 0.0
+
+    @property
+    def update_kind(self) -> str:
+        """What workers send: FedBuff folds deltas, FedAvg and FedAsync fold weights."""
+        return "delta" if self.strategy.name == "fedbuff" else "weights"
+
+    # ------------------------------------------------------------------ workers
+
+    def note_worker(self, worker_id: str, now: float, num_samples: int = 0) -> None:
+        """Record that a worker is alive (hello or update)."""
+        info = self.workers.setdefault(worker_id, WorkerInfo(last_seen=now))
+        info.last_seen = now
+        if num_samples:
+            info.num_samples = num_samples
+
+    def note_idle(self, worker_id: str, now: float) -> None:
+        """A worker said it is idle: a task it holds for too long was lost, so forget it."""
+        info = self.workers.get(worker_id)
+        if info and info.task_id and now - info.task_issued_at > REISSUE_GRACE_S:
+            info.task_id = None
+
+    def note_task(self, worker_id: str, task_id: str, now: float) -> None:
+        """Record that a task was sent to a worker."""
+        info = self.workers.setdefault(worker_id, WorkerInfo(last_seen=now))
+        info.task_id, info.task_issued_at = task_id, now
+        if self.round is not None:
+            self._round_selected.add(worker_id)
+
+    def alive_workers(self, now: float) -> list[str]:
+        """Workers seen recently or working on a task, in id order."""
+        return sorted(
+            w
+            for w, info in self.workers.items()
+            if info.task_id is not None or now - info.last_seen <= self.worker_timeout_s
+        )
+
+    def workers_to_task(self, now: float) -> list[str]:
+        """Which workers should be sent a task with the current model now."""
+        idle = [w for w in self.alive_workers(now) if self.workers[w].task_id is None]
+        if self.round is None:
+            return idle
+        # Synchronous: each worker trains at most once per round; with fraction < 1 a sample
+        # of the alive workers is chosen once, when the round starts.
+        candidates = [w for w in idle if w not in self._round_contributors]
+        if self.strategy.fraction >= 1.0:
+            return candidates
+        quota = math.ceil(self.strategy.fraction * len(self.alive_workers(now)))
+        again = [w for w in candidates if w in self._round_selected]
+        fresh = [w for w in candidates if w not in self._round_selected]
+        free = max(0, min(quota - len(self._round_selected), len(fresh)))
+        return again + self._rng.sample(fresh, free)
+
+    # ------------------------------------------------------------------ updates
+
+    def offer(self, update: Update, now: float) -> Outcome:
+        """Validate an update and fold it in; may complete a new version."""
+        rejection = self._check(update)
+        if rejection is not None:
+            self.rejected[rejection.reason] = self.rejected.get(rejection.reason, 0) + 1
+            if rejection.reason != "duplicate":
+                self.seen_update_ids.add(update.update_id)
+            return rejection
+        self.seen_update_ids.add(update.update_id)
+        staleness = self.version - update.base_version
+        self.note_worker(update.worker_id, now, update.num_samples)
+        info = self.workers[update.worker_id]
+        info.updates += 1
+        if info.task_id == update.task_id:
+            info.task_id = None
+        self._fold(update, staleness)
+        self.accepted += 1
+        new_version = self._maybe_advance(now)
+        return Accepted(update.update_id, staleness, new_version)
+
+    def _check(self, update: Update) -> Rejected | None:
+        def no(reason: str, detail: str) -> Rejected:
+            return Rejected(update.update_id, reason, detail)
+
+        if update.job_id != self.job.job_id:
+            return no("unknown_job", f"update is for job {update.job_id!r}")
+        if update.update_id in self.seen_update_ids:
+            return no("duplicate", "update id already accounted for")
+        if update.base_version > self.version:
+            return no("future_version", f"base {update.base_version} > version {self.version}")
+        staleness = self.version - update.base_version
+        limit = self.strategy.max_staleness
+        if limit is not None and staleness > limit:
+            return no("too_stale", f"staleness {staleness} > max_staleness {limit}")
+        if update.kind != self.update_kind:
+            return no("wrong_kind", f"{self.strategy.name} needs {self.update_kind}")
+        try:
+            check_like(update.tensors, self.model)
+            check_finite(update.tensors)
+        except TensorError as e:
+            return no(e.reason, str(e))
+        return None
+
+    def _fold(self, update: Update, staleness: int) -> None:
+        factor = staleness_factor(staleness, self.strategy)
+        n = update.num_samples
+        if self.strategy.name == "fedasync":
+            self._mean_samples += (n - self._mean_samples) / (self.accepted + 1)
+            alpha = min(1.0, self.strategy.alpha * factor * n / self._mean_samples)
+            self.model = cast_like(mix(self.model, update.tensors, alpha), self.model)
+        elif self.strategy.name == "fedbuff":
+            self._buffer.add(update.tensors, n * factor, norm=n)
+        else:
+            self._buffer.add(update.tensors, n * factor)
+            self._round_contributors.add(update.worker_id)
+        p = self._pending
+        p.update_ids.append(update.update_id)
+        p.staleness.append(staleness)
+        if "loss" in update.metrics:
+            p.losses.append((update.metrics["loss"], n))
+
+    # ------------------------------------------------------------------ versions
+
+    def _maybe_advance(self, now: float) -> int | None:
+        name = self.strategy.name
+        if name == "fedasync":
+            return self._advance(now)
+        if name == "fedbuff" and self._buffer.count >= self.strategy.buffer_size:
+            self.model = cast_like(
+                fedbuff_step(self.model, self._buffer, self.strategy.server_lr), self.model
+            )
+            return self._advance(now)
+        if name == "fedavg" and self._round_complete(now):
+            self.model = cast_like(self._buffer.mean(), self.model)
+            return self._advance(now)
+        return None
+
+    def _round_complete(self, now: float) -> bool:
+        got = self._buffer.count
+        if got == 0:
+            return False
+        wanted = self.strategy.min_updates or max(1, len(self._round_selected))
+        if len(self._round_contributors) >= wanted and got >= 1:
+            return True
+        overdue = now - self._round_started >= self.strategy.round_deadline_s
+        return overdue and got >= self.strategy.min_updates_on_deadline
+
+    def check_deadline(self, now: float) -> int | None:
+        """Close a synchronous round whose deadline passed with enough updates; else None."""
+        if self.strategy.name != "fedavg" or not self._round_complete(now):
+            return None
+        self.model = cast_like(self._buffer.mean(), self.model)
+        return self._advance(now)
+
+    def _advance(self, now: float) -> int:
+        p = self._pending
+        weight = sum(n for _, n in p.losses)
+        loss = sum(v * n for v, n in p.losses) / weight if weight else None
+        self.version += 1
+        self.history.append(
+            VersionRecord(
+                self.version, self.round, now - self.started_at, p.update_ids, p.staleness, loss
+            )
+        )
+        self._pending = _Pending()
+        self._buffer = WeightedSum(self.model)
+        if self.round is not None:
+            self.round += 1
+            self._round_started = now
+            self._round_selected = set()
+            self._round_contributors = set()
+            for info in self.workers.values():
+                info.task_id = None
+        return self.version

@@ -1,0 +1,134 @@
+"""Aggregation math against hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aggregator.aggregation import (
+    WeightedSum,
+    apply_delta,
+    fedavg,
+    fedbuff_step,
+    mix,
+    staleness_factor,
+)
+from shared.jobs import StrategyConfig
+
+
+def _model(w: list[float], steps: int = 0) -> dict[str, np.ndarray]:
+    return {"w": np.array(w, np.float32), "steps": np.array(steps, np.int64)}
+
+
+def test_weighted_fedavg_matches_a_hand_computation() -> None:
+    updates = [(_model([1.0, 2.0], 3), 100.0), (_model([4.0, 8.0], 5), 300.0)]
+
+    result = fedavg(updates, _model([0.0, 0.0]))
+
+    # (100 * [1, 2] + 300 * [4, 8]) / 400 = [3.25, 6.5]
+    np.testing.assert_allclose(result["w"], [3.25, 6.5])
+    assert result["w"].dtype == np.float32
+
+
+def test_integer_buffers_are_taken_from_the_newest_update_not_averaged() -> None:
+    updates = [(_model([1.0, 1.0], 3), 1.0), (_model([1.0, 1.0], 5), 1.0)]
+
+    result = fedavg(updates, _model([0.0, 0.0]))
+
+    assert int(result["steps"]) == 5
+    assert result["steps"].dtype == np.int64
+
+
+def test_float16_tensors_are_summed_in_float32_and_returned_as_float16() -> None:
+    reference = {"h": np.zeros(1, np.float16)}
+    updates = [({"h": np.array([1.0], np.float16)}, 1e-4), ({"h": np.array([3.0], np.float16)}, 3e-4)]
+
+    result = fedavg(updates, reference)
+
+    assert result["h"].dtype == np.float16
+    np.testing.assert_allclose(result["h"].astype(np.float32), [2.5], rtol=1e-3)
+
+
+@given(st.lists(st.floats(0.01, 1000), min_size=1, max_size=6))
+def test_averaging_identical_updates_returns_them_whatever_the_weights(weights: list[float]) -> None:
+    same = _model([0.5, -2.0])
+
+    result = fedavg([(same, w) for w in weights], _model([0.0, 0.0]))
+
+    np.testing.assert_allclose(result["w"], same["w"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("config", "staleness", "expected"),
+    [
+        (StrategyConfig(staleness="constant"), 7, 1.0),
+        (StrategyConfig(staleness="polynomial", staleness_a=0.5), 3, 0.5),
+        (StrategyConfig(staleness="polynomial", staleness_a=1.0), 0, 1.0),
+        (StrategyConfig(staleness="hinge", staleness_a=10, staleness_b=4), 4, 1.0),
+        (StrategyConfig(staleness="hinge", staleness_a=10, staleness_b=4), 6, 1 / 21),
+    ],
+)
+def test_staleness_functions_follow_their_definitions(
+    config: StrategyConfig, staleness: int, expected: float
+) -> None:
+    assert staleness_factor(staleness, config) == pytest.approx(expected)
+
+
+@given(st.integers(0, 1000))
+def test_staleness_factors_never_grow_with_staleness(s: int) -> None:
+    for name in ("constant", "polynomial", "hinge"):
+        config = StrategyConfig(staleness=name)
+        assert 0 < staleness_factor(s + 1, config) <= staleness_factor(s, config) <= 1
+
+
+def test_negative_staleness_is_refused() -> None:
+    with pytest.raises(ValueError):
+        staleness_factor(-1, StrategyConfig())
+
+
+def test_fedbuff_step_divides_by_samples_not_by_staleness_weighted_samples() -> None:
+    model = _model([1.0, 1.0])
+    buffer = WeightedSum(model)
+    buffer.add(_model([2.0, 0.0]), 100 * 1.0, norm=100)
+    buffer.add(_model([4.0, 4.0]), 100 * 0.5, norm=100)
+
+    result = fedbuff_step(model, buffer, server_lr=2.0)
+
+    # x + 2 * (100 * [2, 0] + 50 * [4, 4]) / 200 = [1, 1] + 2 * [2, 1] = [5, 3]
+    np.testing.assert_allclose(result["w"], [5.0, 3.0])
+
+
+def test_fedbuff_keeps_integer_buffers_of_the_global_model() -> None:
+    model = _model([1.0, 1.0], steps=9)
+    buffer = WeightedSum(model)
+    buffer.add(_model([1.0, 1.0], steps=100), 1.0)
+
+    assert int(fedbuff_step(model, buffer, 1.0)["steps"]) == 9
+
+
+def test_fedasync_mixes_the_global_model_with_the_update() -> None:
+    result = mix(_model([0.0, 10.0]), _model([10.0, 0.0]), alpha=0.25)
+
+    np.testing.assert_allclose(result["w"], [2.5, 7.5])
+
+
+def test_fedasync_refuses_an_alpha_outside_zero_to_one() -> None:
+    with pytest.raises(ValueError):
+        mix(_model([0.0, 0.0]), _model([1.0, 1.0]), alpha=1.5)
+
+
+def test_apply_delta_scales_the_delta() -> None:
+    result = apply_delta(_model([1.0, 2.0]), {"w": np.array([1.0, 1.0], np.float32)}, 0.5)
+
+    np.testing.assert_allclose(result["w"], [1.5, 2.5])
+
+
+def test_a_weighted_sum_refuses_non_positive_weights_and_empty_means() -> None:
+    acc = WeightedSum(_model([0.0, 0.0]))
+
+    with pytest.raises(ValueError):
+        acc.add(_model([1.0, 1.0]), 0.0)
+    with pytest.raises(ValueError):
+        acc.mean()

@@ -1,0 +1,86 @@
+"""`fedq worker` / `python -m worker`: run one worker service until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import Sequence
+
+import torch
+from prometheus_client import CollectorRegistry, start_http_server
+
+from broker import MemoryBroker, Topology, connect
+from shared.settings import load_settings, masked
+from worker.data import load_local_data
+from worker.device import select_device
+from worker.metrics import WorkerMetrics
+from worker.service import WorkerService
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's flags; each overrides the settings file and FEDQ_* variables."""
+    parser.add_argument("--config", help="settings TOML file")
+    parser.add_argument("--broker", help="amqp://user:pass@host:5672/vhost")
+    parser.add_argument("--worker-id", dest="worker_id", help="this site's id")
+    parser.add_argument("--prefix", help="topology name prefix (default fedq)")
+    parser.add_argument("--data", help="local data: .npz file, ImageFolder dir or data set spec")
+    parser.add_argument("--dataset", help="built-in data set for simulation (mnist5k, digits)")
+    parser.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:K")
+    parser.add_argument("--num-partitions", dest="num_partitions", type=int)
+    parser.add_argument("--partition-index", dest="partition_index", type=int)
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--slowdown", type=float, help="stretch training time by this factor")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--metrics-port", dest="metrics_port", type=int)
+    parser.add_argument("--chunk-size", dest="chunk_size", type=int)
+    parser.add_argument("--log-level", default=os.environ.get("FEDQ_LOG_LEVEL", "INFO"))
+
+
+def settings_from(args: argparse.Namespace) -> WorkerSettings:
+    """Merge defaults, the settings file, FEDQ_* variables and the flags."""
+    names = [
+        "broker", "worker_id", "prefix", "data", "dataset", "partition", "num_partitions",
+        "partition_index", "device", "slowdown", "seed", "threads", "metrics_port", "chunk_size",
+    ]
+    overrides = {name: getattr(args, name) for name in names}
+    return load_settings(WorkerSettings, args.config, os.environ, overrides)
+
+
+def build_worker(settings: WorkerSettings, memory: MemoryBroker | None = None) -> WorkerService:
+    """Build a worker service from its settings: transport, device, data and metrics."""
+    from shared.errors import ConfigError
+
+    if not settings.worker_id:
+        raise ConfigError("a worker needs --worker-id (or FEDQ_WORKER_ID)")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = select_device(settings.device)
+    data = load_local_data(settings, device)
+    registry = CollectorRegistry()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=registry)
+    topology = Topology(settings.prefix)
+    transport = connect(settings.broker, topology, memory=memory, chunk_size=settings.chunk_size)
+    return WorkerService(transport, settings, data, device, WorkerMetrics(registry))
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags and run a worker until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="fedq worker", description=__doc__)
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = settings_from(args)
+    logger.info("settings: %s", masked(settings))
+    service = build_worker(settings)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    service.run()
+    service.transport.close()
+    return 0

@@ -1,0 +1,32 @@
+"""Settings of the worker service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.chunks import DEFAULT_CHUNK_SIZE
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Who the worker is, where it connects, its local data and device, how it paces itself."""
+
+    worker_id: str = ""
+    broker: str = "amqp://guest:guest@localhost:5672/"
+    prefix: str = "fedq"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    # Local data: a path (.npz file, ImageFolder directory) or a data set spec; or, for
+    # simulation, a built-in data set with a partition of it.
+    data: str = ""
+    dataset: str = ""
+    partition: str = "iid"
+    num_partitions: int = 1
+    partition_index: int = 0
+    device: str = "auto"
+    # Stretches each training's wall-clock by this factor (sleeping), to emulate slow hardware.
+    slowdown: float = 1.0
+    hello_interval_s: float = 5.0
+    poll_interval_s: float = 0.5
+    seed: int = 0
+    threads: int = 0
+    metrics_port: int = 0
