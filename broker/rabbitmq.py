@@ -1,0 +1,395 @@
+"""The RabbitMQ Transport: pika's BlockingConnection with confirms, manual acks and reconnect.
+
+Threads and heartbeats: pika is not thread-safe, so a RabbitMQTransport is used by one thread
+at a time - the service thread that runs the main loop. A BlockingConnection answers the broker's
+heartbeats only while that thread is inside pika (receive, publish, declare, ...), so a service
+must call receive(timeout) regularly, about once a second, even while it is busy: long work such
+as training runs in another thread, which hands its result back to the main loop (a
+queue.Queue, a Future) for the main loop to publish. A loop that stays out of pika for more than
+about two heartbeat intervals (30 s each by default, `?heartbeat=N` in the URL) loses its
+connection, and so does a delivery kept unacked past the broker's consumer_timeout (30 min).
+
+Reconnect: an operation that finds the connection or channel gone reconnects with exponential
+backoff and full jitter, declares again what was declared before, restores the prefetch and the
+subscriptions, and retries; a publish is retried with the same bytes, so a message may arrive
+twice and receivers deduplicate by message id. Deliveries of the old connection cannot be settled
+any more: the broker requeues them, so their acks are ignored and they are received again.
+While it reconnects an operation blocks, for at most the policy's give-up time (300 s by default),
+and then raises ConnectionLostError.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
+from broker.transport import RawMessage, Transport
+from shared.chunks import DEFAULT_CHUNK_SIZE
+from shared.errors import ConfigError, ConnectionLostError, PublishError, TransportError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_PREFETCH = 64
+DEFAULT_HEARTBEAT_S = 30
+DEFAULT_BLOCKED_CONNECTION_TIMEOUT_S = 60.0
+_PERSISTENT = 2
+# The dead queue is the end of the line: quorum and durable, and with no dead-letter exchange.
+_DEAD_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+
+# The connection (or its channel) is gone: reconnect and retry.
+_LOST: tuple[type[Exception], ...] = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ChannelWrongStateError,
+    OSError,
+)
+# Retrying cannot help: wrong credentials, vhost or protocol.
+_REFUSED: tuple[type[Exception], ...] = (
+    pika.exceptions.AuthenticationError,
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.IncompatibleProtocolError,
+)
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How to retry a lost connection: exponential backoff with full jitter, then give up."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    give_up_s: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before retry number `attempt` (0 for the first): uniform in [0, cap]."""
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** min(attempt, 62))
+        uniform = rng.uniform if rng is not None else random.uniform
+        return uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True)
+class _Handle:
+    """A delivery tag, valid only on the connection generation that delivered it."""
+
+    generation: int
+    delivery_tag: int
+
+
+@dataclass(frozen=True)
+class _Pending:
+    queue: str
+    delivery_tag: int
+    redelivered: bool
+    properties: Any
+    body: bytes
+
+
+def masked_url(url: str) -> str:
+    """Return the URL with its password replaced by ***, fit for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _connection_parameters(url: str, connection_name: str) -> Any:
+    """Parse an amqp(s) URL; heartbeats and blocked-connection timeout default on, not off."""
+    try:
+        params = pika.URLParameters(url)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid broker URL {masked_url(url)}: {e}") from e
+    query = parse_qs(urlsplit(url).query)
+    if "heartbeat" not in query:
+        params.heartbeat = DEFAULT_HEARTBEAT_S
+    if "blocked_connection_timeout" not in query:
+        params.blocked_connection_timeout = DEFAULT_BLOCKED_CONNECTION_TIMEOUT_S
+    params.client_properties = dict(params.client_properties or {}) | {
+        "connection_name": connection_name
+    }
+    return params
+
+
+class RabbitMQTransport(Transport):
+    """A Transport over RabbitMQ with publisher confirms, manual acks and reconnect; one thread."""
+
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        *,
+        prefetch_count: int = DEFAULT_PREFETCH,
+        reconnect: ReconnectPolicy | None = None,
+        connection_name: str | None = None,
+    ) -> None:
+        super().__init__(topology, chunk_size)
+        if prefetch_count < 1:
+            raise ConfigError("prefetch_count must be at least 1 (0 would mean unbounded)")
+        self.prefetch_count = prefetch_count
+        self.reconnect_policy = reconnect or ReconnectPolicy()
+        self.connection_name = connection_name or f"fedq {topology.prefix}"
+        self.reconnects = 0  # successful reconnects so far, for a metric
+        self._url = masked_url(url)
+        self._params = _connection_parameters(url, self.connection_name)
+        self._connection: Any = None
+        self._channel: Any = None
+        self._generation = 0
+        self._declared = False
+        self._workers: list[str] = []
+        self._subscribed: list[str] = []
+        self._pending: deque[_Pending] = deque()
+        self._unsettled: set[int] = set()
+        self._closed = False
+        self._connect(time.monotonic() + self.reconnect_policy.give_up_s)
+
+    # -------------------------------------------------------------- topology
+
+    def declare(self) -> None:
+        """Declare the jobs, updates, dead and tasks exchanges and their queues (idempotent)."""
+        self._run("declare", self._declare_shared)
+        self._declared = True
+
+    def declare_worker(self, worker_id: str) -> None:
+        """Declare a worker's task queue bound to the tasks exchange by its id (idempotent)."""
+        self.topology.task_queue(worker_id)  # validates the id before anything reaches the broker
+        self._run(f"declare worker {worker_id}", functools.partial(self._declare_worker, worker_id))
+        if worker_id not in self._workers:
+            self._workers.append(worker_id)
+
+    def subscribe(self, queue: str) -> None:
+        """Consume from a declared queue; receive() then returns its messages."""
+        if queue in self._subscribed:
+            return
+        self._run(f"subscribe to {queue}", functools.partial(self._consume, queue))
+        self._subscribed.append(queue)
+
+    def purge(self, queue: str) -> int:
+        """Drop every ready message of a queue; return how many."""
+        frame = self._run(f"purge {queue}", lambda: self._channel.queue_purge(queue))
+        return int(frame.method.message_count)
+
+    def close(self) -> None:
+        """Close the connection; the broker requeues unsettled deliveries. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pending.clear()
+        self._unsettled.clear()
+        self._drop_connection()
+        logger.info("closed connection %r to %s", self.connection_name, self._url)
+
+    # -------------------------------------------------------------- raw operations
+
+    def _publish_raw(
+        self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]
+    ) -> None:
+        properties = pika.BasicProperties(delivery_mode=_PERSISTENT, headers=headers)
+
+        def publish() -> None:
+            self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+
+        self._run(f"publish to {exchange!r}/{routing_key!r}", publish, publishing=True)
+
+    def _receive_raw(self, timeout: float) -> RawMessage | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self._pending:
+            remaining = max(0.0, deadline - time.monotonic())
+            # process_data_events returns as soon as a delivery is dispatched, and answers
+            # heartbeats while it waits; time_limit=0 polls once.
+            self._run("receive", functools.partial(self._poll, remaining))
+            if remaining <= 0.0:
+                break
+        if not self._pending:
+            return None
+        pending = self._pending.popleft()
+        self._unsettled.add(pending.delivery_tag)
+        return RawMessage(
+            body=bytes(pending.body),
+            queue=pending.queue,
+            handle=_Handle(self._generation, pending.delivery_tag),
+            headers=dict(pending.properties.headers or {}),
+            redelivered=bool(pending.redelivered),
+            user_id=pending.properties.user_id,
+        )
+
+    def _settle_raw(self, handle: Any, ack: bool, requeue: bool) -> None:
+        if not isinstance(handle, _Handle):
+            raise TransportError(f"{handle!r} is not a delivery of a RabbitMQTransport")
+        if handle.generation != self._generation or not self._is_open():
+            # The connection that delivered it is gone and the broker has requeued it.
+            logger.debug("ignoring settle of delivery %d of a lost connection", handle.delivery_tag)
+            return
+        if handle.delivery_tag not in self._unsettled:
+            # Settling twice would make the broker close the channel, requeueing everything.
+            raise TransportError(f"delivery {handle.delivery_tag} is already settled")
+        self._unsettled.discard(handle.delivery_tag)
+        try:
+            if ack:
+                self._channel.basic_ack(handle.delivery_tag)
+            else:
+                self._channel.basic_nack(handle.delivery_tag, requeue=requeue)
+        except _LOST as e:
+            logger.warning("connection to %s lost while settling: %r", self._url, e)
+            self._drop_connection()
+        except pika.exceptions.AMQPError as e:
+            self._drop_connection()
+            raise TransportError(f"settling delivery {handle.delivery_tag} failed: {e!r}") from e
+
+    # -------------------------------------------------------------- channel work
+
+    def _declare_shared(self) -> None:
+        t, channel = self.topology, self._channel
+        for name, kind, arguments, key in (
+            (t.jobs, "direct", t.jobs_queue_arguments(), JOB_ROUTING_KEY),
+            (t.updates, "direct", t.queue_arguments(), UPDATE_ROUTING_KEY),
+            (t.dead, "fanout", _DEAD_QUEUE_ARGUMENTS, ""),
+        ):
+            channel.exchange_declare(name, exchange_type=kind, durable=True)
+            channel.queue_declare(name, durable=True, arguments=arguments)
+            channel.queue_bind(name, name, routing_key=key)
+        channel.exchange_declare(t.tasks, exchange_type="direct", durable=True)
+
+    def _declare_worker(self, worker_id: str) -> None:
+        t, channel = self.topology, self._channel
+        queue = t.task_queue(worker_id)
+        channel.exchange_declare(t.tasks, exchange_type="direct", durable=True)
+        channel.queue_declare(queue, durable=True, arguments=t.queue_arguments())
+        channel.queue_bind(queue, t.tasks, routing_key=worker_id)
+
+    def _poll(self, time_limit: float) -> None:
+        self._connection.process_data_events(time_limit=time_limit)
+
+    def _consume(self, queue: str) -> None:
+        callback = functools.partial(self._on_message, self._generation, queue)
+        self._channel.basic_consume(queue, callback, auto_ack=False)
+
+    def _on_message(
+        self, generation: int, queue: str, _channel: Any, method: Any, properties: Any, body: bytes
+    ) -> None:
+        # Runs inside process_data_events: only buffer, never call back into pika here.
+        if generation == self._generation:
+            self._pending.append(
+                _Pending(queue, method.delivery_tag, method.redelivered, properties, body)
+            )
+
+    # -------------------------------------------------------------- connection
+
+    def _is_open(self) -> bool:
+        return bool(
+            self._connection is not None
+            and self._connection.is_open
+            and self._channel is not None
+            and self._channel.is_open
+        )
+
+    def _run(self, what: str, op: Callable[[], T], publishing: bool = False) -> T:
+        """Run a channel operation; after a connection loss, reconnect and run it again."""
+        if self._closed:
+            raise TransportError(f"cannot {what}: the transport is closed")
+        deadline = time.monotonic() + self.reconnect_policy.give_up_s
+        failures = 0
+        while True:
+            if not self._is_open():
+                if self._connection is not None:
+                    logger.warning("connection to %s is closed; reconnecting", self._url)
+                self._drop_connection()
+                self._connect(deadline, max(0, failures - 1))
+                self.reconnects += 1
+            try:
+                return op()
+            except _LOST as e:
+                logger.warning("connection to %s lost during %s: %r", self._url, what, e)
+                self._drop_connection()
+                failures += 1
+            except pika.exceptions.AMQPError as e:
+                if isinstance(e, pika.exceptions.ChannelClosed):
+                    # The broker closed the channel; the next operation opens a fresh one.
+                    self._drop_connection()
+                raise _refusal(what, e, publishing) from e
+
+    def _connect(self, deadline: float, attempt: int = 0) -> None:
+        """Open connection and channel and restore earlier declarations, with backoff."""
+        last: Exception | None = None
+        while True:
+            if attempt > 0:
+                delay = self.reconnect_policy.delay(attempt - 1)
+                if time.monotonic() + delay > deadline:
+                    raise ConnectionLostError(
+                        f"no connection to {self._url} within "
+                        f"{self.reconnect_policy.give_up_s:g} s: {last!r}"
+                    ) from last
+                time.sleep(delay)
+            try:
+                self._open()
+                return
+            except _REFUSED as e:
+                self._drop_connection()
+                raise TransportError(f"{self._url} refused the connection: {e!r}") from e
+            except pika.exceptions.ChannelClosedByBroker as e:
+                self._drop_connection()
+                raise TransportError(f"restoring the topology on {self._url} failed: {e!r}") from e
+            except (pika.exceptions.AMQPError, OSError) as e:
+                logger.warning("cannot connect to %s (attempt %d): %r", self._url, attempt + 1, e)
+                self._drop_connection()
+                last = e
+                attempt += 1
+
+    def _open(self) -> None:
+        self._generation += 1
+        self._pending.clear()
+        self._unsettled.clear()
+        # Chunks held from the old connection will be redelivered: start their sets afresh.
+        old = self._reassembler
+        self._reassembler = type(old)(old.max_pending_bytes, old.max_age_s)
+        self._connection = pika.BlockingConnection(self._params)
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+        self._channel.basic_qos(prefetch_count=self.prefetch_count)
+        if self._declared:
+            self._declare_shared()
+        for worker_id in self._workers:
+            self._declare_worker(worker_id)
+        for queue in self._subscribed:
+            self._consume(queue)
+        logger.info(
+            "connected %r to %s (connection %d; re-declared: shared=%s, workers=%d, consumers=%d)",
+            self.connection_name,
+            self._url,
+            self._generation,
+            self._declared,
+            len(self._workers),
+            len(self._subscribed),
+        )
+
+    def _drop_connection(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is None or not connection.is_open:
+            return
+        try:
+            connection.close()
+        except (pika.exceptions.AMQPError, OSError) as e:
+            logger.debug("closing the connection to %s failed: %r", self._url, e)
+
+
+def _refusal(what: str, error: Exception, publishing: bool) -> TransportError:
+    """Translate a pika error that reconnecting cannot fix into fedq's error tree."""
+    kind = PublishError if publishing else TransportError
+    if isinstance(error, pika.exceptions.UnroutableError):
+        return PublishError(f"{what}: unroutable, no queue is bound for it")
+    if isinstance(error, pika.exceptions.NackError):
+        return PublishError(f"{what}: the broker nacked the message")
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker):
+        return kind(f"{what}: the broker refused it: {error.reply_code} {error.reply_text}")
+    return kind(f"{what} failed: {error!r}")

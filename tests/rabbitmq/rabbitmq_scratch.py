@@ -1,0 +1,135 @@
+"""Helpers for tests against a real RabbitMQ: a topology of one's own and a plain pika channel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import pika
+
+from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
+from broker.topology import Topology
+
+
+def with_query(url: str, **params: object) -> str:
+    """Return the URL with these query parameters added."""
+    parts = urlsplit(url)
+    query = "&".join(q for q in (parts.query, urlencode(params)) if q)
+    return urlunsplit(parts._replace(query=query))
+
+
+def rabbitmqctl_list(command: str, *items: str) -> list[dict[str, Any]]:
+    """Run a rabbitmqctl list_* command and return its rows."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", command, *items, "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    rows: list[dict[str, Any]] = json.loads(listed.stdout or "[]")
+    return rows
+
+
+@dataclass
+class Scratch:
+    """A topology of its own on the broker, the transports opened on it, and a plain channel."""
+
+    url: str
+    topology: Topology
+    channel: Any
+    workers: list[str] = field(default_factory=list)
+    extra_queues: list[str] = field(default_factory=list)
+    transports: list[RabbitMQTransport] = field(default_factory=list)
+
+    def transport(self, url: str | None = None, **kwargs: Any) -> RabbitMQTransport:
+        """Open a transport on this topology with a connection name the test can find."""
+        kwargs.setdefault("connection_name", f"{self.topology.prefix}-{len(self.transports)}")
+        kwargs.setdefault("reconnect", ReconnectPolicy(base_s=0.1, cap_s=1.0, give_up_s=20.0))
+        transport = RabbitMQTransport(url or self.url, self.topology, **kwargs)
+        self.transports.append(transport)
+        return transport
+
+    def worker(self, worker_id: str) -> str:
+        """Remember a worker id so that its task queue is deleted afterwards."""
+        self.workers.append(worker_id)
+        return worker_id
+
+    def tap(self, exchange: str, routing_key: str) -> str:
+        """Bind an extra classic queue that sees every AMQP message routed by this key."""
+        name = f"{self.topology.prefix}.tap.{len(self.extra_queues)}"
+        self.channel.queue_declare(name, durable=False)
+        self.channel.queue_bind(name, exchange, routing_key=routing_key)
+        self.extra_queues.append(name)
+        return name
+
+    def depth(self, queue: str) -> int:
+        """Messages ready in a queue."""
+        return int(self.channel.queue_declare(queue, passive=True).method.message_count)
+
+    def take_all(self, queue: str) -> list[tuple[Any, bytes]]:
+        """Take (properties, body) of every ready message of a queue, acking them."""
+        taken: list[tuple[Any, bytes]] = []
+        while True:
+            method, properties, body = self.channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append((properties, body))
+
+    def wait_for_depth(self, queue: str, depth: int, timeout: float = 5.0) -> int:
+        """Poll a queue until it holds `depth` ready messages or the timeout passes."""
+        deadline = time.monotonic() + timeout
+        while (current := self.depth(queue)) != depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return current
+
+    def url_with(self, **params: object) -> str:
+        """The broker URL with these query parameters (heartbeat=2, ...)."""
+        return with_query(self.url, **params)
+
+    def broker_connection_pids(self, connection_name: str) -> list[str]:
+        """Ids of the broker's connections with this client-provided name (via rabbitmqctl)."""
+        # The table output, not json: close_connection wants the pid as <node.x.y.z>.
+        listed = subprocess.run(
+            ["rabbitmqctl", "-s", "list_connections", "pid", "client_properties"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        wanted = f'{{"connection_name","{connection_name}"}}'
+        rows = (line.split("\t", 1) for line in listed.stdout.splitlines() if "\t" in line)
+        return [pid for pid, properties in rows if wanted in properties]
+
+    def close_broker_connection(self, connection_name: str) -> None:
+        """Make the broker close a client's connection, as an operator or a failover would."""
+        pids = self.broker_connection_pids(connection_name)
+        assert pids, f"no broker connection named {connection_name!r}"
+        for pid in pids:
+            subprocess.run(
+                ["rabbitmqctl", "-q", "close_connection", pid, "closed by a fedq test"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+
+    def cleanup(self) -> None:
+        """Close the transports, then delete every queue and exchange under the prefix."""
+        for transport in self.transports:
+            transport.close()
+        t = self.topology
+        queues = [t.jobs, t.updates, t.dead, *map(t.task_queue, self.workers), *self.extra_queues]
+        # A fresh connection: a test may have left the plain channel closed by the broker.
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            channel = connection.channel()
+            for queue in queues:
+                channel.queue_delete(queue)
+            for exchange in (t.jobs, t.updates, t.dead, t.tasks):
+                channel.exchange_delete(exchange)
+        finally:
+            connection.close()
