@@ -82,9 +82,7 @@ class WeightedSum:
 
 def cast_like(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Tensors:
     """Return tensors cast to the reference's dtypes (float32 sums back to float16, etc.)."""
-    return {
-        name: np.asarray(tensors[name], dtype=ref.dtype) for name, ref in reference.items()
-    }
+    return {name: np.asarray(tensors[name], dtype=ref.dtype) for name, ref in reference.items()}
 
 
 def fedavg(
@@ -97,9 +95,7 @@ def fedavg(
     return cast_like(acc.mean(), reference)
 
 
-def fedbuff_step(
-    model: Mapping[str, np.ndarray], buffer: WeightedSum, server_lr: float
-) -> Tensors:
+def fedbuff_step(model: Mapping[str, np.ndarray], buffer: WeightedSum, server_lr: float) -> Tensors:
     """FedBuff: x + eta_g * (sum_i n_i f(s_i) d_i) / (sum_i n_i); non-float tensors are kept.
 
     The buffer must have been filled with add(delta, n_i * f(s_i), norm=n_i).
@@ -114,9 +110,7 @@ def apply_delta(
 ) -> Tensors:
     """Return model + scale * delta_sum for floating tensors; other tensors stay as they are."""
     return {
-        name: (
-            (x + scale * delta_sum[name]).astype(x.dtype, copy=False) if is_averaged(x) else x
-        )
+        name: ((x + scale * delta_sum[name]).astype(x.dtype, copy=False) if is_averaged(x) else x)
         for name, x in model.items()
     }
 

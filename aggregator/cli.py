@@ -43,8 +43,14 @@ def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
 def aggregator_settings(args: argparse.Namespace) -> AggregatorSettings:
     """Merge defaults, the settings file, FEDQ_* variables and the flags."""
     names = [
-        "broker", "state_dir", "output_dir", "prefix", "metrics_port", "max_jobs",
-        "worker_timeout_s", "chunk_size",
+        "broker",
+        "state_dir",
+        "output_dir",
+        "prefix",
+        "metrics_port",
+        "max_jobs",
+        "worker_timeout_s",
+        "chunk_size",
     ]
     overrides = {name: getattr(args, name) for name in names}
     return load_settings(AggregatorSettings, args.config, os.environ, overrides)
@@ -76,7 +82,9 @@ def submit_main(argv: Sequence[str] | None = None) -> int:
     """Put a job from a TOML file on the job queue and print its id."""
     parser = argparse.ArgumentParser(prog="fedq submit")
     parser.add_argument("job_file", help="job TOML file (see docs/jobs.md)")
-    parser.add_argument("--broker", default=os.environ.get("FEDQ_BROKER", "amqp://guest:guest@localhost:5672/"))
+    parser.add_argument(
+        "--broker", default=os.environ.get("FEDQ_BROKER", "amqp://guest:guest@localhost:5672/")
+    )
     parser.add_argument("--prefix", default=os.environ.get("FEDQ_PREFIX", "fedq"))
     parser.add_argument("--job-id", dest="job_id", help="default: a new unique id")
     args = parser.parse_args(argv)

@@ -29,7 +29,15 @@ from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
 from shared.datasets import dataset_shape, load_dataset
 from shared.errors import ConfigError
-from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig, load_job_file
+from shared.models import build_model
+from shared.jobs import (
+    JobSpec,
+    ModelSpec,
+    StopConfig,
+    StrategyConfig,
+    TrainingConfig,
+    load_job_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +76,53 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def job_spec(args: argparse.Namespace) -> JobSpec:
     """The job: a job file if given, the demo defaults otherwise, then the flags on top."""
-    spec = load_job_file(args.job) if args.job else JobSpec(
-        name="demo", stop=StopConfig(max_versions=100, target_accuracy=0.95, max_time_s=600)
+    spec = (
+        load_job_file(args.job)
+        if args.job
+        else JobSpec(
+            name="demo", stop=StopConfig(max_versions=100, target_accuracy=0.95, max_time_s=600)
+        )
     )
     dataset = args.dataset or spec.dataset
     shape, classes = dataset_shape(load_dataset(dataset, "test"))
     model = ModelSpec(args.model or spec.model.name, tuple(shape), classes)
-    strategy = _with(spec.strategy, StrategyConfig, name=args.strategy, buffer_size=args.buffer_size,
-                     server_lr=args.server_lr, alpha=args.alpha, staleness=args.staleness,
-                     max_staleness=args.max_staleness)
-    training = _with(spec.training, TrainingConfig, epochs=args.epochs, batch_size=args.batch_size,
-                     lr=args.lr, optimizer=args.optimizer, mu=args.mu)
-    stop = _with(spec.stop, StopConfig, target_accuracy=args.target_accuracy,
-                 max_time_s=args.max_time, max_versions=args.max_versions)
+    build_model(model)  # fail here, with the registry's message, rather than in a service
+    strategy = _with(
+        spec.strategy,
+        StrategyConfig,
+        name=args.strategy,
+        buffer_size=args.buffer_size,
+        server_lr=args.server_lr,
+        alpha=args.alpha,
+        staleness=args.staleness,
+        max_staleness=args.max_staleness,
+    )
+    training = _with(
+        spec.training,
+        TrainingConfig,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        mu=args.mu,
+    )
+    stop = _with(
+        spec.stop,
+        StopConfig,
+        target_accuracy=args.target_accuracy,
+        max_time_s=args.max_time,
+        max_versions=args.max_versions,
+    )
     seed = spec.seed if args.seed is None else args.seed
-    return replace(spec, dataset=dataset, model=model, strategy=strategy, training=training,
-                   stop=stop, seed=seed)
+    return replace(
+        spec,
+        dataset=dataset,
+        model=model,
+        strategy=strategy,
+        training=training,
+        stop=stop,
+        seed=seed,
+    )
 
 
 def _with(config: Any, cls: type, **changes: Any) -> Any:
@@ -118,8 +157,10 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     if (out / "history.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"fedq run: job {job_id}, {args.workers} workers, {spec.strategy.name}, "
-          f"model {spec.model.name}, {spec.dataset} {args.partition}, broker {args.broker}")
+    print(
+        f"fedq run: job {job_id}, {args.workers} workers, {spec.strategy.name}, "
+        f"model {spec.model.name}, {spec.dataset} {args.partition}, broker {args.broker}"
+    )
     print(f"  run directory: {out}")
     progress = Progress(out / "history.jsonl", quiet=args.quiet)
     if args.broker == "memory":
@@ -136,8 +177,14 @@ def worker_threads(args: argparse.Namespace, processes: int) -> int:
     return args.threads or max(1, (os.cpu_count() or 1) // processes)
 
 
-def run_embedded(spec: JobSpec, job_id: str, args: argparse.Namespace, factors: list[float],
-                 out: Path, progress: Progress) -> None:
+def run_embedded(
+    spec: JobSpec,
+    job_id: str,
+    args: argparse.Namespace,
+    factors: list[float],
+    out: Path,
+    progress: Progress,
+) -> None:
     """Aggregator and workers as threads of this process over the in-process broker."""
     from worker.cli import build_worker
     from worker.settings import WorkerSettings
@@ -146,17 +193,25 @@ def run_embedded(spec: JobSpec, job_id: str, args: argparse.Namespace, factors: 
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, args.threads or os.cpu_count() or 1)))
     memory = MemoryBroker()
     topology = Topology("fedq")
-    settings = AggregatorSettings(broker="memory", output_dir=str(out), max_jobs=1,
-                                  state_dir=str(out / "state"))
+    settings = AggregatorSettings(
+        broker="memory", output_dir=str(out), max_jobs=1, state_dir=str(out / "state")
+    )
     agg_transport = MemoryTransport(memory, topology)
     aggregator = AggregatorService(agg_transport, settings, AggregatorMetrics(CollectorRegistry()))
     agg_transport.declare()
     workers = []
     for index in range(args.workers):
         ws = WorkerSettings(
-            worker_id=f"w{index}", broker="memory", dataset=spec.dataset, partition=args.partition,
-            num_partitions=args.workers, partition_index=index, slowdown=factors[index],
-            seed=spec.seed + index, device="cpu", hello_interval_s=2.0,
+            worker_id=f"w{index}",
+            broker="memory",
+            dataset=spec.dataset,
+            partition=args.partition,
+            num_partitions=args.workers,
+            partition_index=index,
+            slowdown=factors[index],
+            seed=spec.seed + index,
+            device="cpu",
+            hello_interval_s=2.0,
         )
         workers.append(build_worker(ws, memory=memory))
     threads = [threading.Thread(target=w.run, name=w.worker_id, daemon=True) for w in workers]
@@ -181,24 +236,32 @@ def _job_body(job_id: str, spec: JobSpec) -> bytes:
     return encode_message(Job(job_id, spec))
 
 
-def run_processes(spec: JobSpec, job_id: str, args: argparse.Namespace, factors: list[float],
-                  out: Path, progress: Progress) -> None:
+def run_processes(
+    spec: JobSpec,
+    job_id: str,
+    args: argparse.Namespace,
+    factors: list[float],
+    out: Path,
+    progress: Progress,
+) -> None:
     """The aggregator and each worker as separate processes over RabbitMQ."""
     prefix = f"fedq-run-{uuid.uuid4().hex[:6]}"
     threads = worker_threads(args, args.workers)
     common = ["--broker", args.broker, "--prefix", prefix, "--log-level", args.log_level]
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    aggregator = _spawn("aggregator", common + ["--state-dir", str(out / "state"),
-                        "--output-dir", str(out), "--max-jobs", "1"], logs / "aggregator.log")
-    workers = [
-        _spawn("worker", common + [
-            "--worker-id", f"w{i}", "--dataset", spec.dataset, "--partition", args.partition,
-            "--num-partitions", str(args.workers), "--partition-index", str(i),
-            "--slowdown", str(factors[i]), "--seed", str(spec.seed + i), "--threads", str(threads),
-        ], logs / f"worker-w{i}.log")
-        for i in range(args.workers)
-    ]
+    aggregator = _spawn(
+        "aggregator",
+        [*common, "--state-dir", str(out / "state"), "--output-dir", str(out), "--max-jobs", "1"],
+        logs / "aggregator.log",
+    )
+    workers = []
+    for i in range(args.workers):
+        argv = [*common, "--worker-id", f"w{i}", "--dataset", spec.dataset]
+        argv += ["--partition", args.partition, "--num-partitions", str(args.workers)]
+        argv += ["--partition-index", str(i), "--slowdown", str(factors[i])]
+        argv += ["--seed", str(spec.seed + i), "--threads", str(threads)]
+        workers.append(_spawn("worker", argv, logs / f"worker-w{i}.log"))
     try:
         submit_job(args.broker, prefix, job_id, spec)
         while aggregator.poll() is None:
@@ -223,8 +286,9 @@ def run_processes(spec: JobSpec, job_id: str, args: argparse.Namespace, factors:
 
 def _spawn(service: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as fh:
-        return subprocess.Popen([sys.executable, "-m", service, *argv], stdout=fh,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", service, *argv], stdout=fh, stderr=subprocess.STDOUT
+        )
 
 
 class Progress:
@@ -251,9 +315,11 @@ class Progress:
     def _show(r: dict[str, Any]) -> None:
         acc = "   n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:5.2f}%"
         rate = r["updates_accepted"] / r["time_s"] if r["time_s"] > 0 else 0.0
-        print(f"  v{r['version']:<4} t={r['time_s']:7.1f}s  accuracy {acc}  "
-              f"updates {r['updates']:>2}  {rate:5.2f} upd/s  staleness {r['mean_staleness']:.2f}",
-              flush=True)
+        print(
+            f"  v{r['version']:<4} t={r['time_s']:7.1f}s  accuracy {acc}  "
+            f"updates {r['updates']:>2}  {rate:5.2f} upd/s  staleness {r['mean_staleness']:.2f}",
+            flush=True,
+        )
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -262,7 +328,9 @@ def print_summary(s: dict[str, Any]) -> None:
     reached = "n/a"
     if target is not None:
         reached = f"{s['time_to_target_s']:.1f}s" if s["reached_target"] else "not reached"
-    print(f"summary: {s['stop_reason']} after {s['wall_time_s']:.1f}s, {s['versions']} versions, "
-          f"final accuracy {100 * (s['final_accuracy'] or 0):.2f}% "
-          f"(best {100 * s['best_accuracy']:.2f}%), time to {target}: {reached}, "
-          f"updates accepted {s['updates_accepted']}, rejected {s['updates_rejected']}")
+    print(
+        f"summary: {s['stop_reason']} after {s['wall_time_s']:.1f}s, {s['versions']} versions, "
+        f"final accuracy {100 * (s['final_accuracy'] or 0):.2f}% "
+        f"(best {100 * s['best_accuracy']:.2f}%), time to {target}: {reached}, "
+        f"updates accepted {s['updates_accepted']}, rejected {s['updates_rejected']}"
+    )

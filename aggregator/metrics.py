@@ -51,7 +51,8 @@ class AggregatorMetrics:
             registry=registry,
         )
         self.eval_loss = Gauge(
-            "fedq_aggregator_eval_loss", "Held-out loss of the newest evaluated version.",
+            "fedq_aggregator_eval_loss",
+            "Held-out loss of the newest evaluated version.",
             registry=registry,
         )
         self.workers_active = Gauge(

@@ -17,7 +17,7 @@ from aggregator.output import RunDirectory
 from aggregator.settings import AggregatorSettings
 from aggregator.state import Accepted, JobState
 from broker.transport import Delivery, Transport
-from shared.errors import ProtocolError
+from shared.errors import ProtocolError, TransportError
 from shared.jobs import TrainingConfig, to_dict
 from shared.messages import GlobalModel, Hello, Job, Task, Update, decode_message, encode_message
 from shared.models import build_model, state_to_numpy
@@ -87,7 +87,13 @@ class AggregatorService:
         """Handle at most one message and the clock's consequences; return whether one came."""
         delivery = self.transport.receive(timeout)
         if delivery is not None:
-            self._handle(delivery)
+            try:
+                self._handle(delivery)
+            except TransportError:
+                raise
+            except Exception:  # the loop's edge: one bad message must not stop the service
+                logger.exception("failed to handle a message from %s", delivery.queue)
+                self.transport.reject(delivery, "internal_error")
         self._tick()
         return delivery is not None
 
@@ -103,7 +109,7 @@ class AggregatorService:
             message = decode_message(delivery.body)
         except ProtocolError as e:
             logger.warning("rejecting a message from %s: %s", delivery.queue, e)
-            self.transport.reject(delivery, e.reason)
+            self.transport.reject(delivery, e.reason, str(e))
             return
         if isinstance(message, Job):
             logger.info("job %s queued (%s)", message.job_id, message.spec.strategy.name)
@@ -137,7 +143,7 @@ class AggregatorService:
         outcome = running.state.offer(update, self.clock())
         if not isinstance(outcome, Accepted):
             logger.warning("rejecting update %s: %s", update.update_id, outcome.detail)
-            self._reject(delivery, outcome.reason, update.update_id)
+            self.transport.reject(delivery, outcome.reason, outcome.detail)
             return
         self.metrics.updates_accepted.inc()
         self.metrics.staleness.observe(outcome.staleness)
@@ -156,7 +162,18 @@ class AggregatorService:
         running = self._job
         if running is None:
             if self._queued_jobs:
-                self._start(*self._queued_jobs.popleft())
+                job, delivery = self._queued_jobs.popleft()
+                try:
+                    self._start(job, delivery)
+                except TransportError:
+                    raise
+                except Exception as e:  # a job that cannot start is rejected, not fatal
+                    logger.exception("job %s cannot start", job.job_id)
+                    self._job = None
+                    self.metrics.job_running.set(0)
+                    self._finished_jobs.add(job.job_id)
+                    self.jobs_done += 1
+                    self.transport.reject(delivery, "bad_job", f"{type(e).__name__}: {e}")
             return
         now = self.clock()
         if running.state.check_deadline(now) is not None:
@@ -168,18 +185,20 @@ class AggregatorService:
 
     def _start(self, job: Job, delivery: Delivery) -> None:
         spec = job.spec
-        now = self.clock()
         initial = state_to_numpy(build_model(spec.model, seed=spec.seed))
-        state = JobState(job, initial, now, self.settings.worker_timeout_s)
+        evaluator = Evaluator(
+            spec.model, spec.dataset, self.settings.eval_batch_size, self.settings.eval_device
+        )
+        # The job's clock starts once its set-up is done, as a centralised run's would.
+        state = JobState(job, initial, self.clock(), self.settings.worker_timeout_s)
         for worker_id, (seen, samples) in self._known_workers.items():
             state.note_worker(worker_id, seen, samples)
         output_dir = self.settings.output_dir or str(
             Path(self.settings.state_dir) / "jobs" / job.job_id
         )
-        evaluator = Evaluator(
-            spec.model, spec.dataset, self.settings.eval_batch_size, self.settings.eval_device
+        running = _Running(
+            job, delivery, state, evaluator, RunDirectory(Path(output_dir)), time.time()
         )
-        running = _Running(job, delivery, state, evaluator, RunDirectory(Path(output_dir)), time.time())
         self._job = running
         self.metrics.job_running.set(1)
         logger.info("job %s started: %s, model %s", job.job_id, spec.strategy.name, spec.model.name)
@@ -194,7 +213,10 @@ class AggregatorService:
             return
         training = _training_for(running.job, state.update_kind)
         model = GlobalModel(
-            running.job.job_id, state.version, running.job.spec.model, state.model,
+            running.job.job_id,
+            state.version,
+            running.job.spec.model,
+            state.model,
             _version_metrics(running),
         )
         for worker_id in workers:
@@ -224,14 +246,14 @@ class AggregatorService:
         state = running.state
         record = state.history[-1] if state.history else None
         every = running.job.spec.eval_every
+        accuracy: float | None = None
+        loss: float | None = None
         if state.version % every == 0 or self._stop_reason(running) is not None:
             accuracy, loss = running.evaluator.evaluate(state.model)
             running.last_accuracy, running.last_loss = accuracy, loss
             running.best_accuracy = max(running.best_accuracy, accuracy)
             self.metrics.eval_accuracy.set(accuracy)
             self.metrics.eval_loss.set(loss)
-        else:
-            accuracy = loss = None
         time_s = self.clock() - state.started_at
         target = running.job.spec.stop.target_accuracy
         if (
@@ -261,14 +283,19 @@ class AggregatorService:
             }
         )
         logger.info(
-            "version %d: accuracy %s, %d updates folded", state.version,
-            "n/a" if accuracy is None else f"{accuracy:.4f}", len(record.update_ids) if record else 0,
+            "version %d: accuracy %s, %d updates folded",
+            state.version,
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            len(record.update_ids) if record else 0,
         )
 
     def _stop_reason(self, running: _Running) -> str | None:
         stop = running.job.spec.stop
         state = running.state
-        if stop.target_accuracy is not None and (running.last_accuracy or 0.0) >= stop.target_accuracy:
+        if (
+            stop.target_accuracy is not None
+            and (running.last_accuracy or 0.0) >= stop.target_accuracy
+        ):
             return "target_accuracy"
         if stop.max_versions is not None and state.version >= stop.max_versions:
             return "max_versions"
@@ -279,7 +306,7 @@ class AggregatorService:
     def _finish(self, running: _Running) -> None:
         state, spec = running.state, running.job.spec
         reason = self._stop_reason(running) or "stopped"
-        if running.last_accuracy is None or state.history and state.version % spec.eval_every:
+        if running.last_accuracy is None or (state.history and state.version % spec.eval_every):
             running.last_accuracy, running.last_loss = running.evaluator.evaluate(state.model)
         running.output.write_model(
             state.model,
@@ -295,8 +322,11 @@ class AggregatorService:
         self.metrics.job_running.set(0)
         self.metrics.jobs_completed.inc()
         logger.info(
-            "job %s finished (%s): version %d, accuracy %.4f", running.job.job_id, reason,
-            state.version, running.last_accuracy,
+            "job %s finished (%s): version %d, accuracy %.4f",
+            running.job.job_id,
+            reason,
+            state.version,
+            running.last_accuracy,
         )
 
     def _summary(self, running: _Running, reason: str) -> dict[str, Any]:

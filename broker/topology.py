@@ -12,6 +12,7 @@ UPDATE_ROUTING_KEY = "update"
 JOB_ROUTING_KEY = "job"
 REASON_HEADER = "x-fedq-reason"
 SOURCE_HEADER = "x-fedq-source-queue"
+DETAIL_HEADER = "x-fedq-detail"
 
 
 @dataclass(frozen=True)

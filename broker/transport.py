@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.topology import REASON_HEADER, SOURCE_HEADER, Topology
+from broker.topology import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Topology
 from shared.chunks import DEFAULT_CHUNK_SIZE, ChunkSetError, Reassembler, decode_chunk, is_chunk
 from shared.errors import ChunkError
 
@@ -126,16 +126,23 @@ class Transport(ABC):
         for handle in delivery.handles:
             self._settle_raw(handle, ack=False, requeue=requeue)
 
-    def reject(self, delivery: Delivery, reason: str) -> None:
+    def reject(self, delivery: Delivery, reason: str, detail: str = "") -> None:
         """Dead-letter a delivery with its reason in a header, then ack it: nothing is lost."""
-        self.dead_letter(delivery.body, delivery.queue, reason, delivery.headers)
+        self.dead_letter(delivery.body, delivery.queue, reason, delivery.headers, detail)
         self.ack(delivery)
 
     def dead_letter(
-        self, body: bytes, queue: str, reason: str, headers: dict[str, Any] | None = None
+        self,
+        body: bytes,
+        queue: str,
+        reason: str,
+        headers: dict[str, Any] | None = None,
+        detail: str = "",
     ) -> None:
         """Publish a copy of a rejected message to the dead exchange with its reason."""
         extra = {REASON_HEADER: reason, SOURCE_HEADER: queue}
+        if detail:
+            extra[DETAIL_HEADER] = detail[:500]
         self.publish(self.topology.dead, "", body, dict(headers or {}) | extra)
         if self.on_reject is not None:
             self.on_reject(reason)

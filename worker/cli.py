@@ -45,8 +45,20 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> WorkerSettings:
     """Merge defaults, the settings file, FEDQ_* variables and the flags."""
     names = [
-        "broker", "worker_id", "prefix", "data", "dataset", "partition", "num_partitions",
-        "partition_index", "device", "slowdown", "seed", "threads", "metrics_port", "chunk_size",
+        "broker",
+        "worker_id",
+        "prefix",
+        "data",
+        "dataset",
+        "partition",
+        "num_partitions",
+        "partition_index",
+        "device",
+        "slowdown",
+        "seed",
+        "threads",
+        "metrics_port",
+        "chunk_size",
     ]
     overrides = {name: getattr(args, name) for name in names}
     return load_settings(WorkerSettings, args.config, os.environ, overrides)
@@ -75,7 +87,9 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedq worker", description=__doc__)
     add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     settings = settings_from(args)
     logger.info("settings: %s", masked(settings))
     service = build_worker(settings)

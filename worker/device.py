@@ -22,8 +22,14 @@ def select_device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} GPUs exist")
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise ConfigError(
+            f"device {name!r} requested but only {torch.cuda.device_count()} GPUs exist"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' requested but MPS is not available")
     return device

@@ -16,7 +16,9 @@ class WorkerMetrics:
             "fedq_worker_tasks_completed", "Tasks trained and answered.", registry=registry
         )
         self.tasks_failed = Counter(
-            "fedq_worker_tasks_failed", "Tasks that failed, by reason.", ["reason"],
+            "fedq_worker_tasks_failed",
+            "Tasks that failed, by reason.",
+            ["reason"],
             registry=registry,
         )
         self.tasks_superseded = Counter(
@@ -31,16 +33,20 @@ class WorkerMetrics:
         self.samples_trained = Counter(
             "fedq_worker_samples_trained", "Training examples processed.", registry=registry
         )
-        self.last_loss = Gauge("fedq_worker_last_loss", "Training loss of the last task.",
-                               registry=registry)
+        self.last_loss = Gauge(
+            "fedq_worker_last_loss", "Training loss of the last task.", registry=registry
+        )
         self.last_accuracy = Gauge(
-            "fedq_worker_last_accuracy_ratio", "Training accuracy of the last task.",
+            "fedq_worker_last_accuracy_ratio",
+            "Training accuracy of the last task.",
             registry=registry,
         )
-        self.bytes_sent = Counter("fedq_worker_sent_bytes", "Bytes of updates published.",
-                                  registry=registry)
+        self.bytes_sent = Counter(
+            "fedq_worker_sent_bytes", "Bytes of updates published.", registry=registry
+        )
         self.bytes_received = Counter(
             "fedq_worker_received_bytes", "Bytes of tasks received.", registry=registry
         )
-        self.device = Info("fedq_worker_device", "The torch device the worker trains on.",
-                           registry=registry)
+        self.device = Info(
+            "fedq_worker_device", "The torch device the worker trains on.", registry=registry
+        )

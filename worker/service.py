@@ -118,7 +118,10 @@ class WorkerService:
         if self._training is None and self._pending is not None:
             task, self._pending = self._pending, None
             self._training = self._executor.submit(self._run_task, task)
-        if self._training is None and self.clock() - self._last_hello >= self.settings.hello_interval_s:
+        if (
+            self._training is None
+            and self.clock() - self._last_hello >= self.settings.hello_interval_s
+        ):
             self._hello()
 
     # ------------------------------------------------------------------ internals
@@ -128,7 +131,9 @@ class WorkerService:
         try:
             message = decode_message(delivery.body)
             if not isinstance(message, Task):
-                raise ProtocolError(f"a task queue got a {type(message).__name__}", "unexpected_type")
+                raise ProtocolError(
+                    f"a task queue got a {type(message).__name__}", "unexpected_type"
+                )
             if message.worker_id != self.worker_id:
                 raise ProtocolError(f"task is for worker {message.worker_id!r}", "wrong_worker")
         except ProtocolError as e:
@@ -142,7 +147,10 @@ class WorkerService:
         self.metrics.tasks_received.inc()
         if self._pending is not None:
             self.metrics.tasks_superseded.inc()
-            if (self._pending.version, self._pending.issued_at) > (message.version, message.issued_at):
+            if (self._pending.version, self._pending.issued_at) > (
+                message.version,
+                message.issued_at,
+            ):
                 return
         self._pending = message
 
@@ -157,7 +165,9 @@ class WorkerService:
         started = time.perf_counter()
         model = self._model_for(task.model.model)
         load_numpy_state(model, task.model.tensors)
-        num_samples, metrics = train(model, self.data.x, self.data.y, task.training, self._generator)
+        num_samples, metrics = train(
+            model, self.data.x, self.data.y, task.training, self._generator
+        )
         trained = state_to_numpy(model)
         tensors = _delta(trained, task.model.tensors) if task.training.send == "delta" else trained
         if self.settings.slowdown > 1:
@@ -202,4 +212,3 @@ def _delta(trained: Tensors, base: Tensors) -> Tensors:
         name: (a - base[name]).astype(a.dtype, copy=False) if a.dtype.kind == "f" else a
         for name, a in trained.items()
     }
-

@@ -52,9 +52,11 @@ def train(
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                prox = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=False)
+                )
                 loss = loss + config.mu / 2 * prox
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             with torch.no_grad():
                 loss_sum += float(loss) * len(yb)

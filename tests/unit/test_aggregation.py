@@ -43,7 +43,10 @@ def test_integer_buffers_are_taken_from_the_newest_update_not_averaged() -> None
 
 def test_float16_tensors_are_summed_in_float32_and_returned_as_float16() -> None:
     reference = {"h": np.zeros(1, np.float16)}
-    updates = [({"h": np.array([1.0], np.float16)}, 1e-4), ({"h": np.array([3.0], np.float16)}, 3e-4)]
+    updates = [
+        ({"h": np.array([1.0], np.float16)}, 1e-4),
+        ({"h": np.array([3.0], np.float16)}, 3e-4),
+    ]
 
     result = fedavg(updates, reference)
 
@@ -52,7 +55,9 @@ def test_float16_tensors_are_summed_in_float32_and_returned_as_float16() -> None
 
 
 @given(st.lists(st.floats(0.01, 1000), min_size=1, max_size=6))
-def test_averaging_identical_updates_returns_them_whatever_the_weights(weights: list[float]) -> None:
+def test_averaging_identical_updates_returns_them_whatever_the_weights(
+    weights: list[float],
+) -> None:
     same = _model([0.5, -2.0])
 
     result = fedavg([(same, w) for w in weights], _model([0.0, 0.0]))

@@ -1,0 +1,232 @@
+"""The aggregator and worker services wired on the in-process broker, message by message."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from broker import MemoryBroker, MemoryTransport, Topology
+from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig
+from shared.messages import GlobalModel, Job, Task, Update, decode_message, encode_message
+from shared.models import build_model, state_to_numpy
+from worker.metrics import WorkerMetrics
+from worker.service import LocalData, WorkerService
+from worker.settings import WorkerSettings
+
+TOPOLOGY = Topology("fedq")
+MODEL = ModelSpec("mlp", (1, 8, 8), 10)
+
+
+def _spec(strategy: str = "fedasync", max_versions: int = 3) -> JobSpec:
+    return JobSpec(
+        name="t",
+        model=MODEL,
+        dataset="digits",
+        strategy=StrategyConfig(name=strategy, buffer_size=2),
+        training=TrainingConfig(batch_size=16, lr=0.1),
+        stop=StopConfig(max_versions=max_versions),
+    )
+
+
+@pytest.fixture
+def memory() -> MemoryBroker:
+    broker = MemoryBroker()
+    MemoryTransport(broker, TOPOLOGY).declare()
+    return broker
+
+
+def _aggregator(memory: MemoryBroker, tmp_path: Path, max_jobs: int = 0) -> AggregatorService:
+    settings = AggregatorSettings(broker="memory", state_dir=str(tmp_path), max_jobs=max_jobs)
+    service = AggregatorService(
+        MemoryTransport(memory, TOPOLOGY), settings, AggregatorMetrics(CollectorRegistry())
+    )
+    service.transport.subscribe(TOPOLOGY.jobs)
+    service.transport.subscribe(TOPOLOGY.updates)
+    return service
+
+
+def _worker(memory: MemoryBroker, worker_id: str, slowdown: float = 1.0) -> WorkerService:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=generator)
+    y = torch.randint(0, 10, (64,), generator=generator)
+    settings = WorkerSettings(worker_id=worker_id, broker="memory", slowdown=slowdown)
+    return WorkerService(
+        MemoryTransport(memory, TOPOLOGY),
+        settings,
+        LocalData(x, y),
+        torch.device("cpu"),
+        WorkerMetrics(CollectorRegistry()),
+    )
+
+
+def _submit(memory: MemoryBroker, job_id: str, spec: JobSpec) -> None:
+    MemoryTransport(memory, TOPOLOGY).publish(
+        TOPOLOGY.jobs, JOB_ROUTING_KEY, encode_message(Job(job_id, spec))
+    )
+
+
+def _dead(memory: MemoryBroker) -> Iterator[tuple[str, bytes]]:
+    reader = MemoryTransport(memory, TOPOLOGY)
+    reader.subscribe(TOPOLOGY.dead)
+    while (delivery := reader.receive(0)) is not None:
+        yield delivery.headers[REASON_HEADER], delivery.body
+
+
+def _run_worker(worker: WorkerService) -> threading.Thread:
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.timeout(60)
+def test_a_job_on_the_queue_is_trained_by_workers_and_written_out(
+    memory: MemoryBroker, tmp_path: Path
+) -> None:
+    aggregator = _aggregator(memory, tmp_path, max_jobs=1)
+    workers = [_worker(memory, f"w{i}") for i in range(2)]
+    threads = [_run_worker(w) for w in workers]
+    _submit(memory, "job-1", _spec("fedasync", max_versions=4))
+
+    aggregator.run()
+    for w in workers:
+        w.stop()
+    for t in threads:
+        t.join(10)
+
+    out = tmp_path / "jobs" / "job-1"
+    summary = json.loads((out / "summary.json").read_text())
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert summary["versions"] == 4 and summary["stop_reason"] == "max_versions"
+    assert [h["version"] for h in history] == [0, 1, 2, 3, 4]
+    assert (out / "model.safetensors").exists()
+    assert sum(w.updates_sent for w in workers) >= 4
+
+
+@pytest.mark.timeout(60)
+def test_malformed_messages_are_dead_lettered_with_a_reason_and_the_service_goes_on(
+    memory: MemoryBroker, tmp_path: Path
+) -> None:
+    aggregator = _aggregator(memory, tmp_path)
+    sender = MemoryTransport(memory, TOPOLOGY)
+    bad = [
+        b"\xc1 not msgpack",
+        msgpack.packb({"protocol": 99, "type": "update"}),
+        msgpack.packb({"protocol": 1, "type": "surprise"}),
+        msgpack.packb({"protocol": 1, "type": "update", "job_id": "j"}),
+    ]
+    for body in bad:
+        sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, body)
+
+    aggregator.run_until_idle()
+
+    reasons = [reason for reason, _ in _dead(memory)]
+    assert reasons == ["malformed", "protocol_version", "unknown_type", "missing_field"]
+    rejected = aggregator.metrics.updates_rejected
+    assert rejected.labels("malformed")._value.get() == 1
+    assert memory.depth(TOPOLOGY.updates) == 0
+
+
+@pytest.mark.timeout(60)
+def test_an_update_for_a_job_that_is_not_running_is_rejected_as_unknown_job(
+    memory: MemoryBroker, tmp_path: Path
+) -> None:
+    aggregator = _aggregator(memory, tmp_path)
+    update = Update(
+        job_id="nobody",
+        update_id="u1",
+        worker_id="w0",
+        task_id="t1",
+        base_version=0,
+        round=None,
+        kind="weights",
+        num_samples=5,
+        tensors={"w": np.zeros(2, np.float32)},
+    )
+    MemoryTransport(memory, TOPOLOGY).publish(
+        TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update)
+    )
+
+    aggregator.run_until_idle()
+
+    assert [reason for reason, _ in _dead(memory)] == ["unknown_job"]
+
+
+@pytest.mark.timeout(60)
+def test_a_job_that_cannot_start_is_rejected_and_the_next_job_runs(
+    memory: MemoryBroker, tmp_path: Path
+) -> None:
+    aggregator = _aggregator(memory, tmp_path, max_jobs=2)
+    broken = JobSpec(model=ModelSpec("no-such-model", (1, 8, 8), 10), dataset="digits")
+    _submit(memory, "broken", broken)
+    _submit(memory, "good", _spec("fedasync", max_versions=1))
+    worker = _worker(memory, "w0")
+    thread = _run_worker(worker)
+
+    aggregator.run()
+    worker.stop()
+    thread.join(10)
+
+    assert [reason for reason, _ in _dead(memory)] == ["bad_job"]
+    assert (tmp_path / "jobs" / "good" / "summary.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_trains_the_newest_of_several_queued_tasks(memory: MemoryBroker) -> None:
+    worker = _worker(memory, "w0")
+    worker.start()
+    sender = MemoryTransport(memory, TOPOLOGY)
+    sender.declare()
+    sender.subscribe(TOPOLOGY.updates)
+    initial = state_to_numpy(build_model(MODEL, seed=0))
+    for version in (3, 7, 5):
+        task = Task(
+            "job",
+            f"task-v{version}",
+            "w0",
+            None,
+            TrainingConfig(max_batches=1),
+            GlobalModel("job", version, MODEL, initial),
+        )
+        sender.publish(TOPOLOGY.tasks, "w0", encode_message(task))
+
+    while worker.updates_sent == 0:
+        worker.step(0.05)
+
+    messages = []
+    while (d := sender.receive(0)) is not None:
+        messages.append(decode_message(d.body))
+    updates = [m for m in messages if isinstance(m, Update)]
+    assert [(u.base_version, u.task_id) for u in updates] == [(7, "task-v7")]
+    assert worker.metrics.tasks_superseded._value.get() == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_rejects_a_task_meant_for_another_worker(memory: MemoryBroker) -> None:
+    worker = _worker(memory, "w0")
+    worker.start()
+    task = Task(
+        "job",
+        "t1",
+        "w9",
+        None,
+        TrainingConfig(),
+        GlobalModel("job", 0, MODEL, {"w": np.zeros(1, np.float32)}),
+    )
+    MemoryTransport(memory, TOPOLOGY).publish(TOPOLOGY.tasks, "w0", encode_message(task))
+
+    worker.step(0.1)
+
+    assert [reason for reason, _ in _dead(memory)] == ["wrong_worker"]
+    assert not worker.busy
