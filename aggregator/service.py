@@ -246,6 +246,8 @@ class AggregatorService:
         state = running.state
         record = state.history[-1] if state.history else None
         every = running.job.spec.eval_every
+        # The version exists from here; evaluating it is not part of producing it.
+        time_s = self.clock() - state.started_at
         accuracy: float | None = None
         loss: float | None = None
         if state.version % every == 0 or self._stop_reason(running) is not None:
@@ -254,7 +256,6 @@ class AggregatorService:
             running.best_accuracy = max(running.best_accuracy, accuracy)
             self.metrics.eval_accuracy.set(accuracy)
             self.metrics.eval_loss.set(loss)
-        time_s = self.clock() - state.started_at
         target = running.job.spec.stop.target_accuracy
         if (
             running.time_to_target_s is None
