@@ -22,7 +22,8 @@ from shared.tensors import Tensors, decode_tensors, encode_tensors
 
 PROTOCOL_VERSION = 1
 # Ids name queues and routing keys, so they are restricted to a safe alphabet.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# \Z, not $: $ also matches before a trailing newline, which would let "abc\n" through.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 MAX_NUM_SAMPLES = 1_000_000_000
 MAX_METRICS = 64
 
@@ -219,7 +220,7 @@ def _decode_update(body: dict[str, Any]) -> Update:
     kind = _field(body, "kind", (str,))
     if kind not in ("weights", "delta"):
         raise FieldError("field 'kind' must be 'weights' or 'delta'")
-    num_samples = _count(body, "num_samples")
+    num_samples = _field(body, "num_samples", (int,))
     if not 0 < num_samples <= MAX_NUM_SAMPLES:
         raise FieldError(
             f"num_samples must be in 1..{MAX_NUM_SAMPLES}, got {num_samples}", "bad_num_samples"

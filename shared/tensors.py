@@ -40,7 +40,8 @@ def wire_dtype_name(dtype: np.dtype[Any]) -> str:
 def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
     """Return the wire entry of one array: its bytes little-endian and C-ordered."""
     wire = WIRE_DTYPES[wire_dtype_name(array.dtype)]
-    contiguous = np.ascontiguousarray(array, dtype=wire)
+    # Not np.ascontiguousarray: it turns a 0-d scalar into shape (1,).
+    contiguous = np.asarray(array, dtype=wire, order="C")
     return {
         "name": name,
         "dtype": wire_dtype_name(wire),
@@ -81,7 +82,10 @@ def decode_tensor(entry: Any) -> tuple[str, np.ndarray]:
             f"tensor {name!r}: {len(data)} bytes do not hold shape {shape} of {dtype_name}",
             reason="bad_length",
         )
-    return name, np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return name, np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as e:  # a zero-size shape whose other dims overflow numpy's limits
+        raise TensorError(f"tensor {name!r}: shape {shape} is too large: {e}") from e
 
 
 def decode_tensors(entries: Any) -> Tensors:

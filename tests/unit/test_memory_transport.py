@@ -1,0 +1,234 @@
+"""Tests of the in-process transport: routing, settling, dead-lettering, chunking and closing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from broker.memory import MemoryBroker, MemoryTransport
+from broker.topology import REASON_HEADER, SOURCE_HEADER, UPDATE_ROUTING_KEY, Topology
+from broker.transport import Delivery
+from shared.chunks import split_payload
+from shared.errors import PublishError, TransportError
+
+TOPOLOGY = Topology("test")
+TIMEOUT = 0.05
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker()
+
+
+@pytest.fixture
+def transport(broker: MemoryBroker) -> Iterator[MemoryTransport]:
+    transport = MemoryTransport(broker, TOPOLOGY, chunk_size=1024)
+    transport.declare()
+    transport.subscribe(TOPOLOGY.updates)
+    yield transport
+    transport.close()
+
+
+def dead_letters(broker: MemoryBroker) -> list[tuple[bytes, dict[str, Any]]]:
+    """(body, headers) of every message on the dead queue, taken straight from the broker.
+
+    Not through a Transport: one would try to reassemble dead-lettered chunks.
+    """
+    found = []
+    while (taken := broker.take([TOPOLOGY.dead], 0)) is not None:
+        found.append((taken[1].body, taken[1].headers))
+    return found
+
+
+def publish_update(transport: MemoryTransport, body: bytes) -> None:
+    transport.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, body)
+
+
+def receive(transport: MemoryTransport) -> Delivery:
+    delivery = transport.receive(TIMEOUT)
+    assert delivery is not None
+    return delivery
+
+
+def test_a_published_message_is_received_and_gone_once_acked(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    publish_update(transport, b"hello")
+
+    delivery = receive(transport)
+    transport.ack(delivery)
+
+    assert (delivery.body, delivery.queue, delivery.redelivered) == (
+        b"hello",
+        TOPOLOGY.updates,
+        False,
+    )
+    assert transport.receive(0) is None
+    assert broker.depth(TOPOLOGY.updates) == 0
+
+
+def test_messages_are_received_in_publish_order(transport: MemoryTransport) -> None:
+    for body in (b"first", b"second", b"third"):
+        publish_update(transport, body)
+
+    bodies = [receive(transport).body for _ in range(3)]
+
+    assert bodies == [b"first", b"second", b"third"]
+
+
+def test_receive_returns_none_when_nothing_arrives_in_time(transport: MemoryTransport) -> None:
+    assert transport.receive(TIMEOUT) is None
+
+
+def test_a_nack_with_requeue_gives_the_message_back_marked_redelivered(
+    transport: MemoryTransport,
+) -> None:
+    publish_update(transport, b"retry me")
+    transport.nack(receive(transport), requeue=True)
+
+    again = receive(transport)
+
+    assert again.body == b"retry me"
+    assert again.redelivered
+
+
+def test_a_nack_without_requeue_drops_the_message_to_the_dead_queue(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    publish_update(transport, b"drop me")
+
+    transport.nack(receive(transport), requeue=False)
+
+    assert [body for body, _ in dead_letters(broker)] == [b"drop me"]
+    assert transport.receive(0) is None
+
+
+def test_a_rejected_message_is_dead_lettered_with_its_reason_and_source(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    reasons: list[str] = []
+    transport.on_reject = reasons.append
+    transport.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, b"bad", {"x-origin": "w1"})
+
+    transport.reject(receive(transport), "too_stale")
+
+    ((body, headers),) = dead_letters(broker)
+    assert body == b"bad"
+    assert headers[REASON_HEADER] == "too_stale"
+    assert headers[SOURCE_HEADER] == TOPOLOGY.updates
+    assert headers["x-origin"] == "w1"
+    assert reasons == ["too_stale"]
+    assert broker.depth(TOPOLOGY.updates) == 0
+
+
+def test_publishing_to_a_worker_without_a_queue_raises_publish_error(
+    transport: MemoryTransport,
+) -> None:
+    with pytest.raises(PublishError):
+        transport.publish(TOPOLOGY.tasks, "nobody", b"task")
+
+
+def test_publishing_to_an_undeclared_exchange_raises_publish_error(
+    transport: MemoryTransport,
+) -> None:
+    with pytest.raises(PublishError):
+        transport.publish("test.nowhere", UPDATE_ROUTING_KEY, b"lost")
+
+
+def test_a_task_reaches_only_the_queue_of_its_worker(broker: MemoryBroker) -> None:
+    aggregator = MemoryTransport(broker, TOPOLOGY)
+    aggregator.declare()
+    workers = {name: MemoryTransport(broker, TOPOLOGY) for name in ("w1", "w2")}
+    for name, worker in workers.items():
+        worker.declare_worker(name)
+        worker.subscribe(TOPOLOGY.task_queue(name))
+
+    aggregator.publish(TOPOLOGY.tasks, "w2", b"for w2")
+
+    assert workers["w1"].receive(0) is None
+    assert receive(workers["w2"]).body == b"for w2"
+
+
+def test_a_payload_larger_than_the_chunk_size_travels_in_chunks_and_arrives_whole(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    payload = bytes(i % 253 for i in range(10_000))
+    publish_update(transport, payload)
+    queued = broker.depth(TOPOLOGY.updates)
+
+    delivery = receive(transport)
+    transport.ack(delivery)
+
+    assert queued == 10
+    assert delivery.body == payload
+    assert len(delivery.handles) == 10
+    assert broker.depth(TOPOLOGY.updates) == 0
+    assert transport.receive(0) is None
+
+
+def test_a_tampered_chunk_set_is_dead_lettered_as_bad_chunk(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    reasons: list[str] = []
+    transport.on_reject = reasons.append
+    parts = split_payload(bytes(10_000), 1024)
+    envelope = msgpack.unpackb(parts[3])
+    envelope["data"] = b"\x01" + envelope["data"][1:]
+    parts[3] = msgpack.packb(envelope, use_bin_type=True)
+    for part in parts:
+        broker.route(TOPOLOGY.updates, UPDATE_ROUTING_KEY, part, {})
+
+    delivery = transport.receive(TIMEOUT)
+
+    assert delivery is None
+    dead = dead_letters(broker)
+    assert sorted(body for body, _ in dead) == sorted(parts)
+    assert {headers[REASON_HEADER] for _, headers in dead} == {"bad_chunk"}
+    assert reasons == ["bad_chunk"]
+    assert broker.depth(TOPOLOGY.updates) == 0
+
+
+def test_an_invalid_chunk_is_dead_lettered_alone(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    envelope = msgpack.unpackb(split_payload(bytes(3000), 1024)[0])
+    envelope["index"] = 99
+    broker.route(
+        TOPOLOGY.updates, UPDATE_ROUTING_KEY, msgpack.packb(envelope, use_bin_type=True), {}
+    )
+    publish_update(transport, b"next")
+
+    delivery = receive(transport)
+
+    assert delivery.body == b"next"
+    ((_, headers),) = dead_letters(broker)
+    assert headers[REASON_HEADER] == "bad_chunk"
+
+
+def test_close_gives_unacked_messages_back_to_their_queue(broker: MemoryBroker) -> None:
+    first = MemoryTransport(broker, TOPOLOGY)
+    first.declare()
+    first.subscribe(TOPOLOGY.updates)
+    publish_update(first, b"one")
+    publish_update(first, b"two")
+    receive(first)
+    receive(first)
+
+    first.close()
+    second = MemoryTransport(broker, TOPOLOGY)
+    second.subscribe(TOPOLOGY.updates)
+    redelivered = [receive(second) for _ in range(2)]
+
+    assert broker.depth(TOPOLOGY.updates) == 0
+    assert sorted(d.body for d in redelivered) == [b"one", b"two"]
+    assert all(d.redelivered for d in redelivered)
+
+
+def test_a_closed_transport_refuses_to_publish(transport: MemoryTransport) -> None:
+    transport.close()
+
+    with pytest.raises(TransportError):
+        publish_update(transport, b"late")
