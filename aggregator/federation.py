@@ -29,7 +29,6 @@ from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
 from shared.datasets import dataset_shape, load_dataset
 from shared.errors import ConfigError
-from shared.models import build_model
 from shared.jobs import (
     JobSpec,
     ModelSpec,
@@ -38,6 +37,7 @@ from shared.jobs import (
     TrainingConfig,
     load_job_file,
 )
+from shared.models import build_model
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ def connect(
     memory: MemoryBroker | None = None,
     chunk_size: int | None = None,
 ) -> Transport:
-    """Open a transport: `memory` for the in-process broker, `amqp://` or `amqps://` for RabbitMQ."""
+    """Open a transport: "memory" for the in-process broker, amqp(s):// for RabbitMQ."""
     from shared.chunks import DEFAULT_CHUNK_SIZE
     from shared.errors import ConfigError
 

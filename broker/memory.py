@@ -145,7 +145,9 @@ class MemoryTransport(Transport):
         if self._closed:
             raise TransportError("transport is closed")
 
-    def _publish_raw(self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]) -> None:
+    def _publish_raw(
+        self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]
+    ) -> None:
         self._check_open()
         self.broker.route(exchange, routing_key, bytes(body), headers)
 

@@ -1,4 +1,4 @@
-"""The Transport protocol every broker implementation provides, and the chunking layer they share."""
+"""The Transport every broker implementation provides, and the chunking layer they share."""
 
 from __future__ import annotations
 
@@ -71,7 +71,9 @@ class Transport(ABC):
         """Start consuming from a queue; receive() then returns its messages."""
 
     @abstractmethod
-    def _publish_raw(self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]) -> None:
+    def _publish_raw(
+        self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]
+    ) -> None:
         """Publish one message durably and wait for the broker's confirmation."""
 
     @abstractmethod
@@ -105,7 +107,8 @@ class Transport(ABC):
         """Return the next whole message of a subscribed queue, or None if none came in time."""
         raw = self._receive_raw(timeout)
         while raw is not None:
-            if not is_chunk(raw.body):
+            # The dead queue is read as it is: a bad chunk set dead-lettered again would loop.
+            if not is_chunk(raw.body) or raw.queue == self.topology.dead:
                 return Delivery(
                     raw.body, raw.queue, [raw.handle], raw.headers, raw.redelivered, raw.user_id
                 )

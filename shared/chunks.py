@@ -27,8 +27,6 @@ def is_chunk(payload: bytes) -> bool:
     return payload[1 : 1 + len(_PREFIX)] == _PREFIX
 
 
-
-
 def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[bytes]:
     """Return [payload] if it fits in chunk_size, else chunk envelopes that reassemble to it."""
     if chunk_size < 1024:
@@ -37,7 +35,7 @@ def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[
         return [payload]
     count = -(-len(payload) // chunk_size)
     if count > MAX_CHUNK_COUNT:
-        raise ChunkError(f"payload of {len(payload)} bytes needs more than {MAX_CHUNK_COUNT} chunks")
+        raise ChunkError(f"{len(payload)} bytes need more than {MAX_CHUNK_COUNT} chunks")
     message_id = uuid.uuid4().hex
     digest = hashlib.sha256(payload).digest()
     view = memoryview(payload)

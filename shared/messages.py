@@ -152,7 +152,10 @@ def _body(message: Message) -> tuple[str, dict[str, Any]]:
 def encode_message(message: Message) -> bytes:
     """Encode a message as a msgpack map with `protocol` and `type` first."""
     kind, body = _body(message)
-    return msgpack.packb({"protocol": PROTOCOL_VERSION, "type": kind} | body, use_bin_type=True)
+    packed: bytes = msgpack.packb(
+        {"protocol": PROTOCOL_VERSION, "type": kind} | body, use_bin_type=True
+    )
+    return packed
 
 
 # ---------------------------------------------------------------- decoding

@@ -1,4 +1,4 @@
-"""Settings: dataclasses built from defaults, a TOML file, FEDQ_* variables and flags, in that order."""
+"""Settings: dataclasses from defaults, a TOML file, FEDQ_* variables and flags, in that order."""
 
 from __future__ import annotations
 
@@ -85,7 +85,6 @@ def to_dict(spec: Any) -> dict[str, Any]:
     return out
 
 
-
 def _from_env(name: str, raw: str, annotation: Any) -> Any:
     """Parse one environment variable by the field's annotation."""
     options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
@@ -100,7 +99,7 @@ def _from_env(name: str, raw: str, annotation: Any) -> Any:
         if kind is float:
             return float(raw)
     except ValueError as e:
-        raise ConfigError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from e
+        raise ConfigError(f"environment variable {name}={raw!r} is not a {kind.__name__}") from e
     return raw
 
 

@@ -47,7 +47,7 @@ def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
         "dtype": wire_dtype_name(wire),
         "shape": list(contiguous.shape),
         # A memoryview avoids one model-sized copy; msgpack packs it as bin.
-        "data": memoryview(contiguous).cast("B") if contiguous.size else b"",
+        "data": memoryview(contiguous.data).cast("B") if contiguous.size else b"",
     }
 
 
@@ -71,7 +71,7 @@ def decode_tensor(entry: Any) -> tuple[str, np.ndarray]:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(type(d) is int and 0 <= d for d in shape)
+        or not all(type(d) is int and d >= 0 for d in shape)
     ):
         raise TensorError(f"tensor {name!r}: shape must be a list of at most 8 non-negative ints")
     if not isinstance(data, bytes):
