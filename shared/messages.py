@@ -201,8 +201,11 @@ def _metrics(body: dict[str, Any]) -> dict[str, float]:
         raise FieldError(f"at most {MAX_METRICS} metrics")
     out: dict[str, float] = {}
     for key, number in value.items():
-        if not isinstance(key, str) or type(number) not in (int, float):
-            raise FieldError("metrics must map names to numbers")
+        if not isinstance(key, str) or not 0 < len(key) <= 64 or type(number) not in (int, float):
+            raise FieldError("metrics must map names of 1-64 characters to numbers")
+        # A NaN loss would poison averages and write invalid JSON into the run history.
+        if not math.isfinite(number):
+            raise FieldError(f"metric {key!r} is not finite", reason="not_finite")
         out[key] = float(number)
     return out
 

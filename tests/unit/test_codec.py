@@ -64,8 +64,8 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", fullmatch=True)
 counts = st.integers(0, 2**64 - 1)
 timestamps = st.floats(allow_nan=False, allow_infinity=False)
-metric_values = st.floats(allow_nan=False) | st.integers(-(2**63), 2**64 - 1)
-metrics = st.dictionaries(st.text(max_size=16), metric_values, max_size=MAX_METRICS)
+metric_values = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**63), 2**64 - 1)
+metrics = st.dictionaries(st.text(min_size=1, max_size=16), metric_values, max_size=MAX_METRICS)
 
 
 @st.composite
@@ -493,6 +493,8 @@ def test_an_update_missing_a_required_field_is_rejected(field: str) -> None:
         ("metrics", {"loss": True}),
         ("metrics", {"loss": None}),
         ("metrics", {f"m{i}": 1.0 for i in range(MAX_METRICS + 1)}),
+        ("metrics", {"": 1.0}),
+        ("metrics", {"x" * 65: 1.0}),
         ("tensors", {}),
         ("tensors", None),
         ("base_version", -1),
@@ -529,6 +531,11 @@ def test_num_samples_at_the_bounds_is_accepted(num_samples: int) -> None:
 
     assert isinstance(decoded, Update)
     assert decoded.num_samples == num_samples
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_metric_that_is_not_finite_is_rejected_as_not_finite(value: float) -> None:
+    expect(FieldError, "not_finite", pack(update_body(metrics={"loss": value})))
 
 
 def test_a_metrics_map_of_exactly_64_entries_is_accepted() -> None:
