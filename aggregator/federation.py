@@ -26,7 +26,7 @@ from aggregator.cli import LOG_FORMAT, submit_job
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
-from broker import MemoryBroker, MemoryTransport, Topology
+from broker import MemoryBroker, MemoryTransport, Topology, connect
 from shared.datasets import dataset_shape, load_dataset
 from shared.errors import ConfigError
 from shared.jobs import (
@@ -282,6 +282,12 @@ def run_processes(
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        # The run's prefix is its own: nothing else will ever read these queues.
+        transport = connect(args.broker, Topology(prefix))
+        try:
+            transport.teardown([f"w{i}" for i in range(args.workers)])
+        finally:
+            transport.close()
 
 
 def _spawn(service: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:

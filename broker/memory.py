@@ -93,6 +93,17 @@ class MemoryBroker:
         with self._lock:
             return len(self._queues.get(queue, ()))
 
+    def delete(self, queues: list[str], exchanges: list[str]) -> None:
+        """Forget queues (with their messages) and exchanges."""
+        with self._lock:
+            for queue in queues:
+                self._queues.pop(queue, None)
+            for exchange in exchanges:
+                self._exchanges.pop(exchange, None)
+            for ex in self._exchanges.values():
+                for bound in ex.bindings.values():
+                    bound.difference_update(queues)
+
     def purge(self, queue: str) -> int:
         """Drop the ready messages of a queue; return how many."""
         with self._lock:
@@ -167,6 +178,12 @@ class MemoryTransport(Transport):
             self.broker.give_back(queue, message)
         elif not ack:
             self.broker.route(self.topology.dead, "", message.body, message.headers)
+
+    def teardown(self, worker_ids: list[str]) -> None:
+        """Delete this topology's queues and exchanges from the in-process broker."""
+        t = self.topology
+        queues = [t.jobs, t.updates, t.dead, *map(t.task_queue, worker_ids)]
+        self.broker.delete(queues, [t.jobs, t.updates, t.dead, t.tasks])
 
     def purge(self, queue: str) -> int:
         """Drop every ready message of a queue."""

@@ -180,6 +180,19 @@ class RabbitMQTransport(Transport):
         frame = self._run(f"purge {queue}", lambda: self._channel.queue_purge(queue))
         return int(frame.method.message_count)
 
+    def teardown(self, worker_ids: list[str]) -> None:
+        """Delete the queues and exchanges of this topology and of these workers."""
+        t = self.topology
+        queues = [t.jobs, t.updates, t.dead, *map(t.task_queue, worker_ids)]
+
+        def delete() -> None:
+            for queue in queues:
+                self._channel.queue_delete(queue)
+            for exchange in (t.jobs, t.updates, t.dead, t.tasks):
+                self._channel.exchange_delete(exchange)
+
+        self._run("delete the topology", delete)
+
     def close(self) -> None:
         """Close the connection; the broker requeues unsettled deliveries. Idempotent."""
         if self._closed:

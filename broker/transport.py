@@ -88,6 +88,10 @@ class Transport(ABC):
     def close(self) -> None:
         """Release the connection; unsettled messages go back to their queues."""
 
+    @abstractmethod
+    def teardown(self, worker_ids: list[str]) -> None:
+        """Delete this topology's queues and exchanges (a throw-away run's clean-up)."""
+
     def purge(self, queue: str) -> int:
         """Drop every ready message of a queue (tests and operators); return how many."""
         raise NotImplementedError

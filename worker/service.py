@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -66,6 +67,7 @@ class WorkerService:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.worker_id}")
         self._last_hello = -float("inf")
         self._stopping = False
+        self._stopped = threading.Event()
         self._generator = torch.Generator().manual_seed(settings.seed)
         self.updates_sent = 0
         metrics.device.info({"device": str(device)})
@@ -89,6 +91,7 @@ class WorkerService:
     def stop(self) -> None:
         """Ask the loop to return (safe from a signal handler)."""
         self._stopping = True
+        self._stopped.set()
 
     def close(self) -> None:
         """Wait for a training in progress and publish its update, then shut down."""
@@ -171,7 +174,8 @@ class WorkerService:
         trained = state_to_numpy(model)
         tensors = _delta(trained, task.model.tensors) if task.training.send == "delta" else trained
         if self.settings.slowdown > 1:
-            time.sleep((self.settings.slowdown - 1) * (time.perf_counter() - started))
+            # Emulated slowness, cut short by stop(): it must not delay a shutdown.
+            self._stopped.wait((self.settings.slowdown - 1) * (time.perf_counter() - started))
         metrics["duration_s"] = time.perf_counter() - started
         self.metrics.training_duration.observe(metrics["duration_s"])
         self.metrics.samples_trained.inc(num_samples)

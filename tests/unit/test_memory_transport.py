@@ -232,3 +232,17 @@ def test_a_closed_transport_refuses_to_publish(transport: MemoryTransport) -> No
 
     with pytest.raises(TransportError):
         publish_update(transport, b"late")
+
+
+def test_teardown_deletes_the_topology_so_publishing_to_it_fails() -> None:
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker, Topology("gone"))
+    transport.declare()
+    transport.declare_worker("w0")
+    transport.publish(transport.topology.updates, "update", b"x")
+
+    transport.teardown(["w0"])
+
+    assert broker.depth(transport.topology.updates) == 0
+    with pytest.raises(PublishError):
+        transport.publish(transport.topology.updates, "update", b"x")

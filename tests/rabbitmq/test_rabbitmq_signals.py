@@ -1,0 +1,94 @@
+"""Services as processes: SIGTERM stops them cleanly, a worker first sends what it trained."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from rabbitmq_scratch import Scratch
+
+from shared.jobs import ModelSpec, TrainingConfig
+from shared.messages import GlobalModel, Hello, Task, Update, decode_message, encode_message
+from shared.models import build_model, state_to_numpy
+
+pytestmark = pytest.mark.rabbitmq
+MODEL = ModelSpec("mlp", (1, 8, 8), 10)
+
+
+@pytest.fixture
+def spawn(scratch: Scratch, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start `python -m SERVICE` on the test's topology; kill what is left afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(service: str, *argv: str) -> subprocess.Popen[bytes]:
+        common = ["--broker", scratch.url, "--prefix", scratch.topology.prefix]
+        with open(tmp_path / f"{service}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", service, *common, "--log-level", "INFO", *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def _wait_for(scratch: Scratch, queue: str, kind: type, timeout: float = 60.0) -> list[object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        messages = [decode_message(body) for _, body in scratch.take_all(queue)]
+        wanted = [m for m in messages if isinstance(m, kind)]
+        if wanted:
+            return wanted
+        time.sleep(0.2)
+    raise AssertionError(f"no {kind.__name__} on {queue} within {timeout} s")
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_makes_a_training_worker_send_its_update_then_exit_zero(
+    scratch: Scratch, tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    scratch.transport().declare()
+    worker_id = scratch.worker("w0")
+    worker = spawn(
+        "worker", "--worker-id", worker_id, "--dataset", "digits",
+        "--threads", "1", "--slowdown", "400",
+    )  # fmt: skip
+    _wait_for(scratch, scratch.topology.updates, Hello)
+    weights = state_to_numpy(build_model(MODEL, seed=0))
+    task = Task("job", "t1", worker_id, None, TrainingConfig(max_batches=2),
+                GlobalModel("job", 3, MODEL, weights))  # fmt: skip
+    scratch.transport().publish(scratch.topology.tasks, worker_id, encode_message(task))
+    time.sleep(2.0)  # the task is taken and training (stretched by --slowdown) is under way
+
+    worker.send_signal(signal.SIGTERM)
+    code = worker.wait(60)
+
+    assert code == 0, (tmp_path / "worker.log").read_text()
+    (update,) = _wait_for(scratch, scratch.topology.updates, Update, timeout=5)
+    assert isinstance(update, Update) and update.task_id == "t1" and update.base_version == 3
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_an_idle_aggregator_with_exit_code_zero(
+    scratch: Scratch, tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    aggregator = spawn("aggregator", "--state-dir", str(tmp_path / "state"))
+    deadline = time.monotonic() + 60
+    while "aggregator ready" not in (tmp_path / "aggregator.log").read_text():
+        assert time.monotonic() < deadline and aggregator.poll() is None
+        time.sleep(0.2)
+
+    aggregator.send_signal(signal.SIGTERM)
+
+    assert aggregator.wait(30) == 0
