@@ -1,0 +1,303 @@
+"""Tests of the `fedq` command line: dispatch, `fedq run`'s job and flags, errors and exit status.
+
+No test here starts a federation or reaches a broker: connect() is replaced wherever a command
+could get that far.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aggregator.cli
+from aggregator.cli import main
+from aggregator.federation import job_spec, parse_args, slowdowns
+from broker import MemoryBroker, MemoryTransport, Topology
+from shared.errors import ConfigError, RegistryError
+from shared.jobs import JobSpec
+from shared.messages import Job, decode_message
+
+FEDBUFF_JOB = str(Path(__file__).resolve().parents[2] / "deploy" / "jobs" / "mnist-fedbuff.toml")
+
+
+@pytest.fixture
+def no_broker(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fail any attempt of `fedq submit` to connect; returns the URLs it tried."""
+    tried: list[str] = []
+
+    def refuse(url: str, *args: Any, **kwargs: Any) -> Any:
+        tried.append(url)
+        raise AssertionError(f"connect({url!r}) was called")
+
+    monkeypatch.setattr(aggregator.cli, "connect", refuse)
+    return tried
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["--version"]])
+def test_no_command_or_an_unknown_one_prints_the_usage_and_returns_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(argv)
+
+    assert status == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fedq COMMAND")
+    assert all(command in out for command in ("run", "aggregator", "worker", "submit"))
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_returns_0(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main([flag])
+
+    assert status == 0
+    assert "usage: fedq COMMAND" in capsys.readouterr().out
+
+
+def test_a_command_s_own_help_exits_0_with_its_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["run", "--help"])
+
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    assert "--target-accuracy" in out
+    assert "--slowdown" in out
+
+
+# ---------------------------------------------------------------- --slowdown
+
+
+def test_slowdown_factors_fill_the_missing_workers_with_1() -> None:
+    assert slowdowns("1,1,5", 4) == [1.0, 1.0, 5.0, 1.0]
+
+
+@pytest.mark.parametrize("text", [None, ""])
+def test_no_slowdown_is_1_for_every_worker(text: str | None) -> None:
+    assert slowdowns(text, 3) == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("text", ["1,x", "1;5", "1,,5", "fast"])
+def test_slowdown_text_that_is_not_comma_separated_numbers_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="comma-separated"):
+        slowdowns(text, 4)
+
+
+def test_more_slowdown_factors_than_workers_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="one factor"):
+        slowdowns("1,1,1", 2)
+
+
+@pytest.mark.parametrize("text", ["0.5", "1,0", "2,-3"])
+def test_a_slowdown_factor_below_1_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError, match=">= 1"):
+        slowdowns(text, 4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: slowdowns() accepts 'nan' (nan < 1 is False), which the worker then ignores",
+)
+def test_a_slowdown_factor_that_is_not_a_number_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        slowdowns("nan", 2)
+
+
+# ---------------------------------------------------------------- fedq run's job
+
+
+def test_without_a_job_file_fedq_run_trains_the_demo_job() -> None:
+    spec = job_spec(parse_args(["--dataset", "digits"]))
+
+    assert spec.name == "demo"
+    assert (spec.stop.max_versions, spec.stop.target_accuracy, spec.stop.max_time_s) == (
+        100,
+        0.95,
+        600,
+    )
+    assert spec.strategy.name == "fedavg"
+    assert spec.model.name == "cnn"
+
+
+def test_the_model_takes_its_input_shape_and_classes_from_the_data_set() -> None:
+    spec = job_spec(parse_args(["--dataset", "digits", "--model", "mlp"]))
+
+    assert spec.dataset == "digits"
+    assert (spec.model.name, spec.model.input_shape, spec.model.num_classes) == (
+        "mlp",
+        (1, 8, 8),
+        10,
+    )
+
+
+def test_fedq_run_flags_override_the_demo_defaults() -> None:
+    argv = ["--dataset", "digits", "--strategy", "fedasync", "--alpha", "0.3"]
+    argv += ["--staleness", "hinge", "--max-staleness", "5", "--epochs", "2", "--lr", "0.01"]
+    argv += ["--optimizer", "adam", "--mu", "0.1", "--batch-size", "16", "--seed", "7"]
+    argv += ["--max-versions", "9", "--max-time", "30", "--target-accuracy", "0.8"]
+
+    spec = job_spec(parse_args(argv))
+
+    s, t, stop = spec.strategy, spec.training, spec.stop
+    assert (s.name, s.alpha, s.staleness, s.max_staleness) == ("fedasync", 0.3, "hinge", 5)
+    assert (t.epochs, t.lr, t.optimizer, t.mu, t.batch_size) == (2, 0.01, "adam", 0.1, 16)
+    assert (stop.max_versions, stop.max_time_s, stop.target_accuracy) == (9, 30.0, 0.8)
+    assert spec.seed == 7
+
+
+def test_fedq_run_flags_override_a_job_file_and_keep_the_rest_of_it() -> None:
+    argv = ["--job", FEDBUFF_JOB, "--dataset", "digits", "--buffer-size", "2"]
+    argv += ["--server-lr", "0.5", "--target-accuracy", "0.5"]
+
+    spec = job_spec(parse_args(argv))
+
+    assert spec.name == "mnist-fedbuff"
+    assert (spec.strategy.name, spec.strategy.buffer_size, spec.strategy.server_lr) == (
+        "fedbuff",
+        2,
+        0.5,
+    )
+    assert (spec.strategy.staleness, spec.strategy.staleness_a) == ("polynomial", 0.5)
+    assert spec.stop.target_accuracy == 0.5
+    assert (spec.stop.max_time_s, spec.stop.max_versions) == (600.0, 200)
+    assert spec.training.momentum == 0.9
+
+
+def test_a_job_file_s_model_shape_gives_way_to_the_data_set_s() -> None:
+    spec = job_spec(parse_args(["--job", FEDBUFF_JOB, "--dataset", "digits"]))
+
+    assert (spec.model.name, spec.model.input_shape, spec.model.num_classes) == (
+        "cnn",
+        (1, 8, 8),
+        10,
+    )
+
+
+def test_a_flag_value_outside_its_range_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=re.escape("strategy.alpha")):
+        job_spec(parse_args(["--dataset", "digits", "--alpha", "2"]))
+
+
+def test_an_unknown_model_fails_when_the_job_is_built() -> None:
+    with pytest.raises(RegistryError, match="unknown model 'resnet1000'"):
+        job_spec(parse_args(["--dataset", "digits", "--model", "resnet1000"]))
+
+
+def test_a_model_too_large_for_the_data_fails_when_the_job_is_built() -> None:
+    with pytest.raises(RegistryError, match="14x14"):
+        job_spec(parse_args(["--dataset", "digits", "--model", "fednet"]))
+
+
+def test_an_unknown_data_set_fails_when_the_job_is_built() -> None:
+    with pytest.raises(RegistryError, match="unknown data set"):
+        job_spec(parse_args(["--dataset", "mnist60k"]))
+
+
+# ---------------------------------------------------------------- errors and exit status
+
+
+def test_fedq_run_with_no_workers_returns_1_with_the_reason(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status = main(["run", "--workers", "0", "--dataset", "digits", "--out", str(tmp_path / "r")])
+
+    assert status == 1
+    assert "fedq run: --workers must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_fedq_run_with_a_bad_slowdown_returns_1_before_making_its_run_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["run", "--workers", "2", "--slowdown", "1,1,1", "--dataset", "digits"]
+
+    status = main([*argv, "--out", str(tmp_path / "r")])
+
+    assert status == 1
+    assert "--slowdown" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_fedq_run_refuses_a_run_directory_that_holds_a_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "history.jsonl").write_text('{"version": 0}\n')
+
+    status = main(["run", "--dataset", "digits", "--model", "mlp", "--out", str(tmp_path)])
+
+    assert status == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "history.jsonl").read_text() == '{"version": 0}\n'
+
+
+def test_submitting_a_bad_job_file_returns_1_without_touching_a_broker(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, no_broker: list[str]
+) -> None:
+    job = tmp_path / "bad.toml"
+    job.write_text("[strategy]\nname = 'nope'\n")
+
+    status = main(["submit", str(job), "--broker", "amqp://guest:guest@127.0.0.1:1/"])
+
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fedq submit: ")
+    assert "strategy.name" in err
+    assert no_broker == []
+
+
+def test_submitting_with_an_invalid_job_id_returns_1_without_touching_a_broker(
+    capsys: pytest.CaptureFixture[str], no_broker: list[str]
+) -> None:
+    status = main(["submit", FEDBUFF_JOB, "--job-id", "my job"])
+
+    assert status == 1
+    assert "invalid job id 'my job'" in capsys.readouterr().err
+    assert no_broker == []
+
+
+def test_submit_puts_the_job_on_the_job_queue_and_prints_its_id(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = MemoryBroker()
+    monkeypatch.setattr(
+        aggregator.cli, "connect", lambda url, topology, **kw: MemoryTransport(memory, topology)
+    )
+
+    status = main(["submit", FEDBUFF_JOB, "--prefix", "test-submit", "--job-id", "fb-1"])
+
+    assert status == 0
+    assert capsys.readouterr().out == "fb-1\n"
+    reader = MemoryTransport(memory, Topology("test-submit"))
+    reader.subscribe(reader.topology.jobs)
+    delivery = reader.receive(1.0)
+    assert delivery is not None
+    message = decode_message(delivery.body)
+    assert isinstance(message, Job)
+    assert message.job_id == "fb-1"
+    assert isinstance(message.spec, JobSpec)
+    assert (message.spec.strategy.name, message.spec.strategy.buffer_size) == ("fedbuff", 4)
+
+
+def test_the_aggregator_refuses_the_in_process_broker_and_returns_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = main(["aggregator", "--broker", "memory", "--log-level", "WARNING"])
+
+    assert status == 1
+    assert "only works inside `fedq run`" in capsys.readouterr().err
+
+
+def test_a_worker_without_local_data_returns_1_with_the_reason(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FEDQ_DATA", raising=False)
+    monkeypatch.delenv("FEDQ_DATASET", raising=False)
+
+    status = main(["worker", "--worker-id", "site-a", "--log-level", "WARNING"])
+
+    assert status == 1
+    assert "exactly one of --data PATH or --dataset NAME" in capsys.readouterr().err
