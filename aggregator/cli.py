@@ -9,6 +9,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Sequence
+from dataclasses import fields
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -42,17 +43,7 @@ def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
 
 def aggregator_settings(args: argparse.Namespace) -> AggregatorSettings:
     """Merge defaults, the settings file, FEDQ_* variables and the flags."""
-    names = [
-        "broker",
-        "state_dir",
-        "output_dir",
-        "prefix",
-        "metrics_port",
-        "max_jobs",
-        "worker_timeout_s",
-        "chunk_size",
-    ]
-    overrides = {name: getattr(args, name) for name in names}
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(AggregatorSettings)}
     return load_settings(AggregatorSettings, args.config, os.environ, overrides)
 
 
@@ -81,7 +72,7 @@ def aggregator_main(argv: Sequence[str] | None = None) -> int:
 def submit_main(argv: Sequence[str] | None = None) -> int:
     """Put a job from a TOML file on the job queue and print its id."""
     parser = argparse.ArgumentParser(prog="fedq submit")
-    parser.add_argument("job_file", help="job TOML file (see docs/jobs.md)")
+    parser.add_argument("job_file", help="job TOML file (see docs/usage.md#job-files)")
     parser.add_argument(
         "--broker", default=os.environ.get("FEDQ_BROKER", "amqp://guest:guest@localhost:5672/")
     )

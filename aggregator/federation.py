@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def slowdowns(text: str | None, workers: int) -> list[float]:
         factors = [float(f) for f in text.split(",")]
     except ValueError as e:
         raise ConfigError(f"--slowdown must be comma-separated numbers: {text!r}") from e
-    if len(factors) > workers or any(f < 1 for f in factors):
+    if len(factors) > workers or not all(math.isfinite(f) and f >= 1 for f in factors):
         raise ConfigError("--slowdown needs at most one factor >= 1 per worker")
     return factors + [1.0] * (workers - len(factors))
 
@@ -167,6 +168,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         run_embedded(spec, job_id, args, factors, out, progress)
     else:
         run_processes(spec, job_id, args, factors, out, progress)
+    if not (out / "summary.json").exists():
+        raise ConfigError(f"the job did not run to completion; see the logs under {out}")
     summary = json.loads((out / "summary.json").read_text())
     print_summary(summary)
     return 0
@@ -209,6 +212,7 @@ def run_embedded(
             num_partitions=args.workers,
             partition_index=index,
             slowdown=factors[index],
+            partition_seed=spec.seed,
             seed=spec.seed + index,
             device="cpu",
             hello_interval_s=2.0,
@@ -260,7 +264,8 @@ def run_processes(
         argv = [*common, "--worker-id", f"w{i}", "--dataset", spec.dataset]
         argv += ["--partition", args.partition, "--num-partitions", str(args.workers)]
         argv += ["--partition-index", str(i), "--slowdown", str(factors[i])]
-        argv += ["--seed", str(spec.seed + i), "--threads", str(threads)]
+        argv += ["--partition-seed", str(spec.seed), "--seed", str(spec.seed + i)]
+        argv += ["--threads", str(threads)]
         workers.append(_spawn("worker", argv, logs / f"worker-w{i}.log"))
     try:
         submit_job(args.broker, prefix, job_id, spec)

@@ -250,7 +250,10 @@ def tensors_of(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     samples = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
     if not samples:
         raise DatasetError("the data set is empty")
-    inputs = torch.stack([torch.as_tensor(sample[0]) for sample in samples])
+    try:
+        inputs = torch.stack([torch.as_tensor(sample[0]) for sample in samples])
+    except RuntimeError as e:  # images of different sizes
+        raise DatasetError(f"samples do not share one shape: {e}") from e
     return inputs, torch.tensor([int(sample[1]) for sample in samples], dtype=torch.int64)
 
 

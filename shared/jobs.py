@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigError, FieldError
@@ -11,6 +12,7 @@ STRATEGIES = ("fedavg", "fedbuff", "fedasync")
 STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 OPTIMIZERS = ("sgd", "adam")
 UPDATE_KINDS = ("weights", "delta")
+JOB_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 
 __all__ = ["JobSpec", "ModelSpec", "StopConfig", "StrategyConfig", "TrainingConfig", "from_dict"]
 __all__ += ["load_job_file", "to_dict"]
@@ -23,6 +25,14 @@ class ModelSpec:
     name: str = "cnn"
     input_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name must not be empty")
+        _require(
+            0 < len(self.input_shape) <= 8 and all(d >= 1 for d in self.input_shape),
+            "model.input_shape must be 1 to 8 positive sizes",
+        )
+        _require(self.num_classes >= 1, "model.num_classes must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class TrainingConfig:
         _require(self.batch_size >= 1, "training.batch_size must be >= 1")
         _require(self.optimizer in OPTIMIZERS, f"training.optimizer must be one of {OPTIMIZERS}")
         _require(self.lr > 0, "training.lr must be > 0")
+        _require(self.momentum >= 0, "training.momentum must be >= 0")
+        _require(self.weight_decay >= 0, "training.weight_decay must be >= 0")
         _require(self.mu >= 0, "training.mu must be >= 0")
         _require(self.send in UPDATE_KINDS, f"training.send must be one of {UPDATE_KINDS}")
         _require(self.max_batches >= 0, "training.max_batches must be >= 0 (0: no limit)")
@@ -124,6 +136,14 @@ class JobSpec:
     stop: StopConfig = field(default_factory=StopConfig)
     seed: int = 0
     eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        # The name starts every job id, and ids name queues and routing keys.
+        _require(
+            JOB_NAME_PATTERN.match(self.name) is not None,
+            "name must be 1-64 characters of A-Z a-z 0-9 . _ : - starting with a letter or digit",
+        )
+        _require(self.eval_every >= 1, "eval_every must be >= 1")
 
 
 def _require(condition: bool, message: str) -> None:

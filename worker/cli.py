@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
+from dataclasses import fields
 
 import torch
 from prometheus_client import CollectorRegistry, start_http_server
@@ -33,6 +34,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:K")
     parser.add_argument("--num-partitions", dest="num_partitions", type=int)
     parser.add_argument("--partition-index", dest="partition_index", type=int)
+    parser.add_argument(
+        "--partition-seed", dest="partition_seed", type=int, help="same on every worker"
+    )
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--slowdown", type=float, help="stretch training time by this factor")
     parser.add_argument("--seed", type=int)
@@ -44,23 +48,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> WorkerSettings:
     """Merge defaults, the settings file, FEDQ_* variables and the flags."""
-    names = [
-        "broker",
-        "worker_id",
-        "prefix",
-        "data",
-        "dataset",
-        "partition",
-        "num_partitions",
-        "partition_index",
-        "device",
-        "slowdown",
-        "seed",
-        "threads",
-        "metrics_port",
-        "chunk_size",
-    ]
-    overrides = {name: getattr(args, name) for name in names}
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(WorkerSettings)}
     return load_settings(WorkerSettings, args.config, os.environ, overrides)
 
 

@@ -31,7 +31,9 @@ def load_local_data(settings: WorkerSettings, device: torch.device) -> LocalData
         x, y = tensors_of(load_dataset(settings.dataset, "train"))
         if not 0 <= settings.partition_index < settings.num_partitions:
             raise ConfigError("--partition-index must be in 0 .. --num-partitions - 1")
-        parts = partition(y.numpy(), settings.num_partitions, settings.partition, settings.seed)
+        parts = partition(
+            y.numpy(), settings.num_partitions, settings.partition, settings.partition_seed
+        )
         index = torch.from_numpy(parts[settings.partition_index])
         x, y = x[index], y[index]
     if len(y) == 0:

@@ -20,6 +20,8 @@ def select_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(f"unknown device {name!r}") from e
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r}: fedq trains on auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
     if (

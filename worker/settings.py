@@ -27,6 +27,9 @@ class WorkerSettings:
     slowdown: float = 1.0
     hello_interval_s: float = 5.0
     poll_interval_s: float = 0.5
+    # Every worker of a simulation must cut the same split, so the partition has its own seed;
+    # `seed` drives this worker's batch order.
+    partition_seed: int = 0
     seed: int = 0
     threads: int = 0
     metrics_port: int = 0

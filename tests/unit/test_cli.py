@@ -98,10 +98,6 @@ def test_a_slowdown_factor_below_1_is_a_config_error(text: str) -> None:
         slowdowns(text, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: slowdowns() accepts 'nan' (nan < 1 is False), which the worker then ignores",
-)
 def test_a_slowdown_factor_that_is_not_a_number_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         slowdowns("nan", 2)
@@ -301,3 +297,14 @@ def test_a_worker_without_local_data_returns_1_with_the_reason(
 
     assert status == 1
     assert "exactly one of --data PATH or --dataset NAME" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["my job", "", "x" * 65, "-leading-dash"])
+def test_a_job_name_that_cannot_start_an_id_is_refused_before_anything_runs(name: str) -> None:
+    with pytest.raises(ConfigError, match="name must be"):
+        JobSpec(name=name)
+
+
+def test_eval_every_below_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="eval_every"):
+        JobSpec(eval_every=0)

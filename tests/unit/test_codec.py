@@ -83,8 +83,8 @@ def tensor_dicts(draw: st.DrawFn) -> Tensors:
 
 model_specs = st.builds(
     ModelSpec,
-    name=st.text(max_size=12),
-    input_shape=st.lists(st.integers(1, 64), max_size=4).map(tuple),
+    name=st.text(min_size=1, max_size=12),
+    input_shape=st.lists(st.integers(1, 64), min_size=1, max_size=4).map(tuple),
     num_classes=st.integers(1, 1000),
 )
 training_configs = st.builds(
@@ -117,7 +117,7 @@ stop_configs = st.builds(
 )
 job_specs = st.builds(
     JobSpec,
-    name=st.text(max_size=20),
+    name=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", fullmatch=True),
     model=model_specs,
     dataset=st.text(max_size=20),
     strategy=strategy_configs,

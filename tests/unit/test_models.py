@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared.errors import RegistryError, TensorError
+from shared.errors import ConfigError, RegistryError, TensorError
 from shared.jobs import ModelSpec
 from shared.models import build_model, list_models, load_numpy_state, state_to_numpy
 
@@ -67,9 +67,9 @@ def test_an_input_shape_without_three_dimensions_is_refused() -> None:
         build_model(ModelSpec("cnn", (28, 28), 10))
 
 
-def test_zero_classes_are_refused() -> None:
-    with pytest.raises(RegistryError, match="num_classes"):
-        build_model(ModelSpec("mlp", MNIST, 0))
+def test_zero_classes_are_refused_when_the_spec_is_made() -> None:
+    with pytest.raises(ConfigError, match="num_classes"):
+        ModelSpec("mlp", MNIST, 0)
 
 
 def test_the_same_seed_builds_identical_weights() -> None:

@@ -136,3 +136,26 @@ def test_an_unknown_partition_scheme_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="random"):
         load_local_data(settings(**values), CPU)
+
+
+def test_every_simulated_worker_cuts_the_same_split_whatever_its_own_seed() -> None:
+    shares = [
+        load_local_data(
+            WorkerSettings(
+                worker_id=f"w{i}", dataset="digits", num_partitions=4, partition_index=i, seed=i
+            ),
+            torch.device("cpu"),
+        )
+        for i in range(4)
+    ]
+
+    assert sum(share.num_samples for share in shares) == 1437
+    rows = torch.cat([share.x.reshape(len(share.y), -1) for share in shares])
+    assert len(torch.unique(rows, dim=0)) == len(torch.unique(load_all_digits(), dim=0))
+
+
+def load_all_digits() -> torch.Tensor:
+    from shared.datasets import load_dataset, tensors_of
+
+    x, _ = tensors_of(load_dataset("digits", "train"))
+    return x.reshape(len(x), -1)
