@@ -91,6 +91,8 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
     strategy = _with(
         spec.strategy,
         StrategyConfig,
+        # Start the clock once every worker has loaded its data, as a centralised run would.
+        min_workers=args.workers,
         name=args.strategy,
         buffer_size=args.buffer_size,
         server_lr=args.server_lr,

@@ -161,7 +161,7 @@ class AggregatorService:
     def _tick(self) -> None:
         running = self._job
         if running is None:
-            if self._queued_jobs:
+            if self._queued_jobs and self._enough_workers(self._queued_jobs[0][0]):
                 job, delivery = self._queued_jobs.popleft()
                 try:
                     self._start(job, delivery)
@@ -182,6 +182,16 @@ class AggregatorService:
             self._finish(running)
         if self._job is not None:
             self._dispatch(running)
+
+    def _enough_workers(self, job: Job) -> bool:
+        """A job starts once min_workers workers have said hello recently."""
+        now = self.clock()
+        alive = sum(
+            1
+            for seen, _ in self._known_workers.values()
+            if now - seen <= self.settings.worker_timeout_s
+        )
+        return alive >= job.spec.strategy.min_workers
 
     def _start(self, job: Job, delivery: Delivery) -> None:
         spec = job.spec

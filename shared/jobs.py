@@ -71,6 +71,8 @@ class StrategyConfig:
     min_updates: int = 0
     round_deadline_s: float = 120.0
     min_updates_on_deadline: int = 1
+    # every strategy: the job starts once this many workers have said hello.
+    min_workers: int = 1
     # fedbuff: buffer of K updates, server learning rate.
     buffer_size: int = 4
     server_lr: float = 1.0
@@ -88,6 +90,7 @@ class StrategyConfig:
         _require(self.min_updates >= 0, "strategy.min_updates must be >= 0 (0: all selected)")
         _require(self.round_deadline_s > 0, "strategy.round_deadline_s must be > 0")
         _require(self.min_updates_on_deadline >= 1, "strategy.min_updates_on_deadline >= 1")
+        _require(self.min_workers >= 1, "strategy.min_workers must be >= 1")
         _require(self.buffer_size >= 1, "strategy.buffer_size must be >= 1")
         _require(self.server_lr > 0, "strategy.server_lr must be > 0")
         _require(0 < self.alpha <= 1, "strategy.alpha must be in (0, 1]")

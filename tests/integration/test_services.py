@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -230,3 +231,27 @@ def test_a_worker_rejects_a_task_meant_for_another_worker(memory: MemoryBroker) 
 
     assert [reason for reason, _ in _dead(memory)] == ["wrong_worker"]
     assert not worker.busy
+
+
+@pytest.mark.timeout(60)
+def test_a_job_waits_in_the_queue_until_min_workers_have_said_hello(
+    memory: MemoryBroker, tmp_path: Path
+) -> None:
+    aggregator = _aggregator(memory, tmp_path, max_jobs=1)
+    spec = _spec("fedasync", max_versions=1)
+    _submit(memory, "job-1", replace(spec, strategy=replace(spec.strategy, min_workers=2)))
+    first = _worker(memory, "w0")
+    first.start()
+
+    aggregator.run_until_idle()
+    waited = not (tmp_path / "jobs" / "job-1").exists()
+    second = _worker(memory, "w1")
+    threads = [_run_worker(first), _run_worker(second)]
+    aggregator.run()
+    for w in (first, second):
+        w.stop()
+    for t in threads:
+        t.join(10)
+
+    assert waited
+    assert (tmp_path / "jobs" / "job-1" / "summary.json").exists()
