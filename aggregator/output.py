@@ -29,17 +29,34 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class RunDirectory:
-    """Writes one job's outputs; history lines are appended and flushed as versions appear."""
+    """Writes one job's outputs; a history line is appended as each version appears."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        self._history = open(path / "history.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
     def append_history(self, record: Mapping[str, Any]) -> None:
-        """Append one version's record to history.jsonl."""
-        self._history.write(json.dumps(record, sort_keys=True) + "\n")
-        self._history.flush()
+        """Append one version's record to history.jsonl (a file handle per line: versions are
+        seconds apart, and nothing stays open for a crash to leave half-written)."""
+        with open(self.path / "history.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def append_rejection(self, record: Mapping[str, Any]) -> None:
+        """Record one rejected update with its reason in rejections.jsonl."""
+        with open(self.path / "rejections.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def truncate_history(self, max_version: int) -> None:
+        """Drop history lines of versions after max_version (written after the last checkpoint)."""
+        path = self.path / "history.jsonl"
+        if not path.exists():
+            return
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.endswith("\n") and json.loads(line)["version"] <= max_version
+        ]
+        write_atomic(path, "".join(kept).encode())
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write summary.json atomically."""
@@ -49,7 +66,3 @@ class RunDirectory:
         """Write the model as model.safetensors (names in state_dict order), atomically."""
         contiguous = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
         write_atomic(self.path / "model.safetensors", safetensors_save(contiguous, dict(metadata)))
-
-    def close(self) -> None:
-        """Close the history file."""
-        self._history.close()

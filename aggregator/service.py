@@ -7,10 +7,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.checkpoint import CheckpointStore
 from aggregator.evaluation import Evaluator
 from aggregator.metrics import AggregatorMetrics
 from aggregator.output import RunDirectory
@@ -34,7 +35,12 @@ class _Running:
     state: JobState
     evaluator: Evaluator
     output: RunDirectory
-    started_wall: float
+    checkpoints: CheckpointStore
+    # Accepted updates are acked only once a checkpoint that includes them is on disk.
+    unacked: list[Delivery] = field(default_factory=list)
+    unacked_since: float = 0.0
+    # Tasks go out once strategy.min_workers workers are alive.
+    dispatching: bool = False
     best_accuracy: float = 0.0
     last_accuracy: float | None = None
     last_loss: float | None = None
@@ -143,14 +149,24 @@ class AggregatorService:
         outcome = running.state.offer(update, self.clock())
         if not isinstance(outcome, Accepted):
             logger.warning("rejecting update %s: %s", update.update_id, outcome.detail)
+            running.output.append_rejection(
+                {
+                    "update_id": update.update_id,
+                    "worker_id": update.worker_id,
+                    "reason": outcome.reason,
+                    "detail": outcome.detail,
+                }
+            )
             self.transport.reject(delivery, outcome.reason, outcome.detail)
             return
         self.metrics.updates_accepted.inc()
         self.metrics.staleness.observe(outcome.staleness)
+        if not running.unacked:
+            running.unacked_since = self.clock()
+        running.unacked.append(delivery)
         if outcome.new_version is not None:
             self._on_new_version(running)
         self.metrics.aggregation_duration.observe(time.perf_counter() - started)
-        self.transport.ack(delivery)
 
     def _reject(self, delivery: Delivery, reason: str, update_id: str) -> None:
         logger.info("update %s rejected: %s", update_id, reason)
@@ -161,7 +177,7 @@ class AggregatorService:
     def _tick(self) -> None:
         running = self._job
         if running is None:
-            if self._queued_jobs and self._enough_workers(self._queued_jobs[0][0]):
+            if self._queued_jobs:
                 job, delivery = self._queued_jobs.popleft()
                 try:
                     self._start(job, delivery)
@@ -176,6 +192,11 @@ class AggregatorService:
                     self.transport.reject(delivery, "bad_job", f"{type(e).__name__}: {e}")
             return
         now = self.clock()
+        if running.unacked and (
+            len(running.unacked) >= self.settings.checkpoint_every_updates
+            or now - running.unacked_since >= self.settings.checkpoint_interval_s
+        ):
+            self._checkpoint(running)
         if running.state.check_deadline(now) is not None:
             self._on_new_version(running)
         elif self._stop_reason(running) is not None:
@@ -183,18 +204,18 @@ class AggregatorService:
         if self._job is not None:
             self._dispatch(running)
 
-    def _enough_workers(self, job: Job) -> bool:
-        """A job starts once min_workers workers have said hello recently."""
-        now = self.clock()
-        alive = sum(
-            1
-            for seen, _ in self._known_workers.values()
-            if now - seen <= self.settings.worker_timeout_s
-        )
-        return alive >= job.spec.strategy.min_workers
-
     def _start(self, job: Job, delivery: Delivery) -> None:
         spec = job.spec
+        output_dir = Path(
+            self.settings.output_dir or Path(self.settings.state_dir) / "jobs" / job.job_id
+        )
+        if (output_dir / "summary.json").exists():
+            # Finished before a crash took the ack away: finishing again would change nothing.
+            logger.info("job %s already finished; acknowledging it", job.job_id)
+            self._finished_jobs.add(job.job_id)
+            self.jobs_done += 1
+            self.transport.ack(delivery)
+            return
         initial = state_to_numpy(build_model(spec.model, seed=spec.seed))
         evaluator = Evaluator(
             spec.model, spec.dataset, self.settings.eval_batch_size, self.settings.eval_device
@@ -203,21 +224,36 @@ class AggregatorService:
         state = JobState(job, initial, self.clock(), self.settings.worker_timeout_s)
         for worker_id, (seen, samples) in self._known_workers.items():
             state.note_worker(worker_id, seen, samples)
-        output_dir = self.settings.output_dir or str(
-            Path(self.settings.state_dir) / "jobs" / job.job_id
-        )
-        running = _Running(
-            job, delivery, state, evaluator, RunDirectory(Path(output_dir)), time.time()
-        )
+        store = CheckpointStore(output_dir / "checkpoints")
+        running = _Running(job, delivery, state, evaluator, RunDirectory(output_dir), store)
         self._job = running
         self.metrics.job_running.set(1)
-        logger.info("job %s started: %s, model %s", job.job_id, spec.strategy.name, spec.model.name)
-        self._record_version(running)
+        resumed = store.load_latest()
+        if resumed is not None:
+            snap, figures = resumed
+            state.restore(snap, self.clock())
+            _restore_figures(running, figures)
+            running.output.truncate_history(state.version)
+            logger.info("job %s resumed at version %d", job.job_id, state.version)
+        else:
+            logger.info(
+                "job %s started: %s, model %s", job.job_id, spec.strategy.name, spec.model.name
+            )
+            self._record_version(running)
+            self._checkpoint(running)
         self._dispatch(running)
 
     def _dispatch(self, running: _Running) -> None:
         state = running.state
         now = self.clock()
+        if not running.dispatching:
+            if len(state.alive_workers(now)) < running.job.spec.strategy.min_workers:
+                return
+            running.dispatching = True
+            if state.version == 0 and state.accepted == 0:
+                # A fresh job's clock starts when its workers are there, as a centralised
+                # run's starts when its data is loaded.
+                state.started_at = now
         workers = state.workers_to_task(now)
         if not workers:
             return
@@ -245,8 +281,25 @@ class AggregatorService:
             state.note_task(worker_id, task.task_id, now)
         self.metrics.workers_active.set(len(state.alive_workers(now)))
 
+    def _checkpoint(self, running: _Running) -> None:
+        """Make the state durable, then ack every update it includes."""
+        figures = {
+            "best_accuracy": running.best_accuracy,
+            "last_accuracy": running.last_accuracy,
+            "last_loss": running.last_loss,
+            "time_to_target_s": running.time_to_target_s,
+            "bytes_received": running.bytes_received,
+            "bytes_sent": running.bytes_sent,
+        }
+        snap = running.state.snapshot(self.clock())
+        running.checkpoints.save(running.job.job_id, snap, figures)
+        for delivery in running.unacked:
+            self.transport.ack(delivery)
+        running.unacked.clear()
+
     def _on_new_version(self, running: _Running) -> None:
         self._record_version(running)
+        self._checkpoint(running)
         if self._stop_reason(running) is not None:
             self._finish(running)
         else:
@@ -324,8 +377,17 @@ class AggregatorService:
             {"job_id": running.job.job_id, "version": str(state.version), "model": spec.model.name},
         )
         summary = self._summary(running, reason)
+        for update_id in state.pending_update_ids:
+            running.output.append_rejection(
+                {
+                    "update_id": update_id,
+                    "reason": "job_finished",
+                    "detail": "folded into the buffer after the last version",
+                }
+            )
         running.output.write_summary(summary)
-        running.output.close()
+        # Updates folded into the buffer after the last version will never be in a version.
+        self._checkpoint(running)
         self.transport.ack(running.delivery)
         self._finished_jobs.add(running.job.job_id)
         self._job = None
@@ -359,6 +421,7 @@ class AggregatorService:
             "updates_accepted": state.accepted,
             "updates_rejected": sum(state.rejected.values()),
             "rejected_by_reason": dict(state.rejected),
+            "updates_unfolded": len(state.pending_update_ids),
             "workers": sorted(state.workers),
             "wall_time_s": self.clock() - state.started_at,
             "bytes_received": running.bytes_received,
@@ -380,3 +443,13 @@ def _version_metrics(running: _Running) -> dict[str, float]:
     if running.last_loss is not None:
         out["loss"] = running.last_loss
     return out
+
+
+def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
+    """Take back the service's own figures of a job from its checkpoint."""
+    running.best_accuracy = float(figures["best_accuracy"])
+    running.last_accuracy = figures["last_accuracy"]
+    running.last_loss = figures["last_loss"]
+    running.time_to_target_s = figures["time_to_target_s"]
+    running.bytes_received = int(figures["bytes_received"])
+    running.bytes_sent = int(figures["bytes_sent"])

@@ -22,5 +22,9 @@ class AggregatorSettings:
     worker_timeout_s: float = 60.0
     # 0: serve jobs forever; N: exit after N jobs (burst mode for `fedq run` and tests).
     max_jobs: int = 0
+    # Accepted updates wait for a checkpoint before they are acked: one comes with every new
+    # version, and sooner after this many updates or seconds (keep it under the prefetch).
+    checkpoint_every_updates: int = 32
+    checkpoint_interval_s: float = 10.0
     eval_batch_size: int = 1000
     eval_device: str = "cpu"

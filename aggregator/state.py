@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -271,3 +272,60 @@ class JobState:
             for info in self.workers.values():
                 info.task_id = None
         return self.version
+
+    @property
+    def pending_update_ids(self) -> list[str]:
+        """Updates folded since the last version (in a buffer or an open round)."""
+        return list(self._pending.update_ids)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Everything needed to go on after a restart, as plain data and arrays.
+
+        Worker bookkeeping is left out on purpose: workers say hello again, and a task issued
+        before a crash is re-issued when its worker next says it is idle.
+        """
+        p = self._pending
+        return {
+            "version": self.version,
+            "round": self.round,
+            "elapsed_s": now - self.started_at,
+            "model": self.model,
+            "buffer": dict(self._buffer.sums),
+            "buffer_weight": self._buffer.total_weight,
+            "buffer_norm": self._buffer.norm,
+            "buffer_count": self._buffer.count,
+            "pending_update_ids": list(p.update_ids),
+            "pending_staleness": list(p.staleness),
+            "pending_losses": [[loss, n] for loss, n in p.losses],
+            "seen_update_ids": sorted(self.seen_update_ids),
+            "accepted": self.accepted,
+            "rejected": dict(self.rejected),
+            "round_contributors": sorted(self._round_contributors),
+            "mean_samples": self._mean_samples,
+        }
+
+    def restore(self, snap: dict[str, Any], now: float) -> None:
+        """Take the state of a snapshot made by snapshot() (already validated by the reader)."""
+        check_like(snap["model"], self.model)
+        self.version = int(snap["version"])
+        self.round = snap["round"]
+        self.started_at = now - float(snap["elapsed_s"])
+        self.model = {name: np.array(a) for name, a in snap["model"].items()}
+        self._buffer = WeightedSum(self.model)
+        self._buffer.sums = {name: np.array(a) for name, a in snap["buffer"].items()}
+        self._buffer.total_weight = float(snap["buffer_weight"])
+        self._buffer.norm = float(snap["buffer_norm"])
+        self._buffer.count = int(snap["buffer_count"])
+        self._pending = _Pending(
+            list(snap["pending_update_ids"]),
+            list(snap["pending_staleness"]),
+            [(float(loss), int(n)) for loss, n in snap["pending_losses"]],
+        )
+        self.seen_update_ids = set(snap["seen_update_ids"])
+        self.accepted = int(snap["accepted"])
+        self.rejected = dict(snap["rejected"])
+        self._round_started = now
+        self._round_contributors = set(snap["round_contributors"])
+        self._mean_samples = float(snap["mean_samples"])

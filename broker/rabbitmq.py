@@ -266,7 +266,7 @@ class RabbitMQTransport(Transport):
         t, channel = self.topology, self._channel
         for name, kind, arguments, key in (
             (t.jobs, "direct", t.jobs_queue_arguments(), JOB_ROUTING_KEY),
-            (t.updates, "direct", t.queue_arguments(), UPDATE_ROUTING_KEY),
+            (t.updates, "direct", t.updates_queue_arguments(), UPDATE_ROUTING_KEY),
             (t.dead, "fanout", _DEAD_QUEUE_ARGUMENTS, ""),
         ):
             channel.exchange_declare(name, exchange_type=kind, durable=True)

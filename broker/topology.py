@@ -65,3 +65,7 @@ class Topology:
     def jobs_queue_arguments(self) -> dict[str, Any]:
         """The jobs queue has one active consumer; a standby aggregator waits behind it."""
         return self.queue_arguments() | {"x-single-active-consumer": True}
+
+    def updates_queue_arguments(self) -> dict[str, Any]:
+        """The updates queue too: only the active aggregator may take updates."""
+        return self.jobs_queue_arguments()

@@ -71,7 +71,7 @@ class StrategyConfig:
     min_updates: int = 0
     round_deadline_s: float = 120.0
     min_updates_on_deadline: int = 1
-    # every strategy: the job starts once this many workers have said hello.
+    # every strategy: tasks go out once this many workers have said hello.
     min_workers: int = 1
     # fedbuff: buffer of K updates, server learning rate.
     buffer_size: int = 4

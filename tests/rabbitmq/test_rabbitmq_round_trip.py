@@ -135,7 +135,8 @@ def test_the_declared_queues_are_durable_quorum_queues_that_dead_letter(scratch:
     assert all(q["durable"] and q["type"] == "quorum" for q in queues.values())
     for name in (t.jobs, t.updates, t.task_queue("w1")):
         assert ["x-dead-letter-exchange", "longstr", t.dead] in queues[name]["arguments"]
-    assert ["x-single-active-consumer", "bool", True] in queues[t.jobs]["arguments"]
+    for name in (t.jobs, t.updates):
+        assert ["x-single-active-consumer", "bool", True] in queues[name]["arguments"]
     assert not any(a[0] == "x-dead-letter-exchange" for a in queues[t.dead]["arguments"])
 
 

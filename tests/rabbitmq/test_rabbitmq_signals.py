@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from rabbitmq_scratch import Scratch
 
+from broker.transport import Transport
 from shared.jobs import ModelSpec, TrainingConfig
 from shared.messages import GlobalModel, Hello, Task, Update, decode_message, encode_message
 from shared.models import build_model, state_to_numpy
@@ -43,28 +44,33 @@ def spawn(scratch: Scratch, tmp_path: Path) -> Iterator[Callable[..., subprocess
         proc.wait(30)
 
 
-def _wait_for(scratch: Scratch, queue: str, kind: type, timeout: float = 60.0) -> list[object]:
+def _wait_for(reader: Transport, kind: type, timeout: float = 60.0) -> object:
+    """Receive (and ack) messages from the reader's queues until one of this kind comes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        messages = [decode_message(body) for _, body in scratch.take_all(queue)]
-        wanted = [m for m in messages if isinstance(m, kind)]
-        if wanted:
-            return wanted
-        time.sleep(0.2)
-    raise AssertionError(f"no {kind.__name__} on {queue} within {timeout} s")
+        delivery = reader.receive(0.2)
+        if delivery is not None:
+            reader.ack(delivery)
+            message = decode_message(delivery.body)
+            if isinstance(message, kind):
+                return message
+    raise AssertionError(f"no {kind.__name__} within {timeout} s")
 
 
 @pytest.mark.timeout(120)
 def test_sigterm_makes_a_training_worker_send_its_update_then_exit_zero(
     scratch: Scratch, tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
-    scratch.transport().declare()
+    # The updates queue has a single active consumer, which basic.get cannot bypass.
+    reader = scratch.transport()
+    reader.declare()
+    reader.subscribe(scratch.topology.updates)
     worker_id = scratch.worker("w0")
     worker = spawn(
         "worker", "--worker-id", worker_id, "--dataset", "digits",
         "--threads", "1", "--slowdown", "400",
     )  # fmt: skip
-    _wait_for(scratch, scratch.topology.updates, Hello)
+    _wait_for(reader, Hello)
     weights = state_to_numpy(build_model(MODEL, seed=0))
     task = Task("job", "t1", worker_id, None, TrainingConfig(max_batches=2),
                 GlobalModel("job", 3, MODEL, weights))  # fmt: skip
@@ -75,7 +81,7 @@ def test_sigterm_makes_a_training_worker_send_its_update_then_exit_zero(
     code = worker.wait(60)
 
     assert code == 0, (tmp_path / "worker.log").read_text()
-    (update,) = _wait_for(scratch, scratch.topology.updates, Update, timeout=5)
+    update = _wait_for(reader, Update, timeout=5)
     assert isinstance(update, Update) and update.task_id == "t1" and update.base_version == 3
 
 

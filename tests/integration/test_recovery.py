@@ -1,0 +1,136 @@
+"""An aggregator killed mid-job and restarted on its state directory goes on exactly once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+from safetensors.numpy import load_file
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from broker import MemoryBroker, MemoryTransport, Topology
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
+from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
+from shared.messages import Hello, Job, Update, encode_message
+from shared.models import build_model, state_to_numpy
+
+TOPOLOGY = Topology("fedq")
+MODEL = ModelSpec("mlp", (1, 8, 8), 10)
+SPEC = JobSpec(
+    name="t",
+    model=MODEL,
+    dataset="digits",
+    strategy=StrategyConfig(name="fedbuff", buffer_size=2),
+    stop=StopConfig(max_versions=3),
+)
+SHAPES = state_to_numpy(build_model(MODEL, seed=0))
+
+
+def _aggregator(memory: MemoryBroker, state_dir: Path) -> AggregatorService:
+    service = AggregatorService(
+        MemoryTransport(memory, TOPOLOGY),
+        AggregatorSettings(broker="memory", state_dir=str(state_dir)),
+        AggregatorMetrics(CollectorRegistry()),
+    )
+    service.transport.declare()
+    service.transport.subscribe(TOPOLOGY.jobs)
+    service.transport.subscribe(TOPOLOGY.updates)
+    return service
+
+
+def _broker() -> tuple[MemoryBroker, MemoryTransport]:
+    memory = MemoryBroker()
+    sender = MemoryTransport(memory, TOPOLOGY)
+    sender.declare()
+    sender.declare_worker("w0")
+    sender.publish(TOPOLOGY.jobs, JOB_ROUTING_KEY, encode_message(Job("job-1", SPEC)))
+    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(Hello("w0", 10, "cpu")))
+    return memory, sender
+
+
+def _send(sender: MemoryTransport, update_id: str, base: int) -> None:
+    value = float(int(update_id[1:]))
+    tensors = {name: np.full(a.shape, value / 100, a.dtype) for name, a in SHAPES.items()}
+    update = Update("job-1", update_id, "w0", "t", base, None, "delta", 10, tensors,
+                    {"loss": 1.0}, sent_at=0.0)  # fmt: skip
+    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
+
+
+def _history(state_dir: Path) -> list[dict]:
+    path = state_dir / "jobs" / "job-1" / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_restarted_aggregator_resumes_from_its_checkpoint_and_counts_each_update_once(
+    tmp_path: Path,
+) -> None:
+    memory, sender = _broker()
+    first = _aggregator(memory, tmp_path)
+    first.run_until_idle()
+    _send(sender, "u1", 0)
+    _send(sender, "u2", 0)
+    _send(sender, "u3", 1)  # waits in the buffer, not yet acked
+    first.run_until_idle()
+
+    first.transport.close()  # the crash: unacked deliveries go back to their queues
+    second = _aggregator(memory, tmp_path)
+    second.run_until_idle()
+    for update_id, base in (("u4", 1), ("u2", 0), ("u5", 2), ("u6", 2)):
+        _send(sender, update_id, base)
+    second.run_until_idle()
+
+    history = _history(tmp_path)
+    assert [h["version"] for h in history] == [0, 1, 2, 3]
+    assert [h["update_ids"] for h in history[1:]] == [["u1", "u2"], ["u3", "u4"], ["u5", "u6"]]
+    rejections = (tmp_path / "jobs" / "job-1" / "rejections.jsonl").read_text().splitlines()
+    assert [json.loads(r)["update_id"] for r in rejections] == ["u2"]
+    assert json.loads(rejections[0])["reason"] == "duplicate"
+    assert memory.depth(TOPOLOGY.updates) == 0 and memory.depth(TOPOLOGY.jobs) == 0
+
+
+def test_the_model_after_a_crash_is_bit_identical_to_the_model_without_one(
+    tmp_path: Path,
+) -> None:
+    memory, sender = _broker()
+    crashing = _aggregator(memory, tmp_path / "crash")
+    crashing.run_until_idle()
+    _send(sender, "u1", 0)
+    _send(sender, "u2", 0)
+    _send(sender, "u3", 1)
+    crashing.run_until_idle()
+    crashing.transport.close()
+    resumed = _aggregator(memory, tmp_path / "crash")
+    resumed.run_until_idle()
+    for update_id, base in (("u4", 1), ("u5", 2), ("u6", 2)):
+        _send(sender, update_id, base)
+    resumed.run_until_idle()
+
+    memory2, sender2 = _broker()
+    steady = _aggregator(memory2, tmp_path / "steady")
+    steady.run_until_idle()
+    for update_id, base in (("u1", 0), ("u2", 0), ("u3", 1), ("u4", 1), ("u5", 2), ("u6", 2)):
+        _send(sender2, update_id, base)
+    steady.run_until_idle()
+
+    after_crash = load_file(tmp_path / "crash" / "jobs" / "job-1" / "model.safetensors")
+    without = load_file(tmp_path / "steady" / "jobs" / "job-1" / "model.safetensors")
+    assert list(after_crash) == list(without)
+    assert all(after_crash[n].tobytes() == without[n].tobytes() for n in without)
+
+
+def test_a_job_found_finished_on_restart_is_acknowledged_without_running_again(
+    tmp_path: Path,
+) -> None:
+    memory, _ = _broker()
+    (tmp_path / "jobs" / "job-1").mkdir(parents=True)
+    (tmp_path / "jobs" / "job-1" / "summary.json").write_text("{}")
+    service = _aggregator(memory, tmp_path)
+
+    service.run_until_idle()
+
+    assert service.jobs_done == 1 and memory.depth(TOPOLOGY.jobs) == 0
+    assert not (tmp_path / "jobs" / "job-1" / "history.jsonl").exists()
