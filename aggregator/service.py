@@ -67,7 +67,9 @@ class AggregatorService:
         self._stopping = False
         self._job: _Running | None = None
         self._queued_jobs: deque[tuple[Job, Delivery]] = deque()
-        self._finished_jobs: set[str] = set()
+        # Durable, so that a restarted aggregator rejects late updates as job_finished.
+        self._finished_path = Path(settings.state_dir) / "finished-jobs.txt"
+        self._finished_jobs: set[str] = _read_lines(self._finished_path)
         self._known_workers: dict[str, tuple[float, int]] = {}
         self.jobs_done = 0
 
@@ -111,6 +113,13 @@ class AggregatorService:
     # ------------------------------------------------------------------ messages
 
     def _handle(self, delivery: Delivery) -> None:
+        size, limit = len(delivery.body), self.settings.max_message_bytes
+        if size > limit:
+            # Not decoded at all: unpacking would hold another copy of a body this large.
+            detail = f"{size} bytes exceed max_message_bytes {limit}"
+            logger.warning("rejecting a message from %s: %s", delivery.queue, detail)
+            self.transport.reject(delivery, "too_large", detail)
+            return
         try:
             message = decode_message(delivery.body)
         except ProtocolError as e:
@@ -187,7 +196,7 @@ class AggregatorService:
                     logger.exception("job %s cannot start", job.job_id)
                     self._job = None
                     self.metrics.job_running.set(0)
-                    self._finished_jobs.add(job.job_id)
+                    self._mark_finished(job.job_id)
                     self.jobs_done += 1
                     self.transport.reject(delivery, "bad_job", f"{type(e).__name__}: {e}")
             return
@@ -204,6 +213,14 @@ class AggregatorService:
         if self._job is not None:
             self._dispatch(running)
 
+    def _mark_finished(self, job_id: str) -> None:
+        if job_id in self._finished_jobs:
+            return
+        self._finished_jobs.add(job_id)
+        self._finished_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._finished_path, "a", encoding="utf-8") as fh:
+            fh.write(job_id + "\n")
+
     def _start(self, job: Job, delivery: Delivery) -> None:
         spec = job.spec
         output_dir = Path(
@@ -212,7 +229,7 @@ class AggregatorService:
         if (output_dir / "summary.json").exists():
             # Finished before a crash took the ack away: finishing again would change nothing.
             logger.info("job %s already finished; acknowledging it", job.job_id)
-            self._finished_jobs.add(job.job_id)
+            self._mark_finished(job.job_id)
             self.jobs_done += 1
             self.transport.ack(delivery)
             return
@@ -389,7 +406,7 @@ class AggregatorService:
         # Updates folded into the buffer after the last version will never be in a version.
         self._checkpoint(running)
         self.transport.ack(running.delivery)
-        self._finished_jobs.add(running.job.job_id)
+        self._mark_finished(running.job.job_id)
         self._job = None
         self.jobs_done += 1
         self.metrics.job_running.set(0)
@@ -453,3 +470,10 @@ def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
     running.time_to_target_s = figures["time_to_target_s"]
     running.bytes_received = int(figures["bytes_received"])
     running.bytes_sent = int(figures["bytes_sent"])
+
+
+def _read_lines(path: Path) -> set[str]:
+    """The non-empty lines of a text file, or nothing if it does not exist."""
+    if not path.exists():
+        return set()
+    return {line for line in path.read_text(encoding="utf-8").splitlines() if line}

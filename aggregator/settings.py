@@ -28,3 +28,5 @@ class AggregatorSettings:
     checkpoint_interval_s: float = 10.0
     eval_batch_size: int = 1000
     eval_device: str = "cpu"
+    # A message larger than this (after reassembly) is dead-lettered as too_large, not decoded.
+    max_message_bytes: int = 512 * 1024 * 1024
