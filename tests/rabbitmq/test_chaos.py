@@ -159,3 +159,41 @@ def test_chaos_loses_no_update_and_counts_none_twice(
     assert lost == set()
     assert twice == []
     assert summary["versions"] >= 24
+
+
+@pytest.mark.timeout(300)
+def test_a_hot_standby_aggregator_takes_over_the_job_when_the_active_one_dies(
+    scratch: Scratch, tmp_path: Path, spawn: Spawn
+) -> None:
+    t = scratch.topology
+    sender = scratch.transport()
+    sender.declare()
+    out = tmp_path / "run"
+    argv = ["--state-dir", str(tmp_path / "state"), "--output-dir", str(out), "--max-jobs", "1"]
+    active = spawn("aggregator", "active", *argv)
+    time.sleep(3.0)  # the first to subscribe is the active consumer of both queues
+    standby = spawn("aggregator", "standby", *argv)
+    workers = []
+    for i in range(2):
+        argv_i = ["--worker-id", scratch.worker(f"w{i}"), "--dataset", "digits"]
+        argv_i += ["--num-partitions", "2", "--partition-index", str(i), "--threads", "1"]
+        workers.append(spawn("worker", f"worker-{i}", *argv_i))
+    spec = JobSpec(
+        name="standby",
+        model=SPEC.model,
+        dataset="digits",
+        strategy=StrategyConfig(name="fedasync", min_workers=2),
+        stop=StopConfig(max_versions=16),
+    )
+    sender.publish(t.jobs, JOB_ROUTING_KEY, encode_message(Job("standby-1", spec)))
+    _wait_for_history(out / "history.jsonl", 5)
+
+    _kill(active)
+
+    assert standby.wait(180) == 0, (tmp_path / "standby.log").read_text()[-3000:]
+    for proc in workers:
+        proc.send_signal(signal.SIGTERM)
+    sender.close()
+    lines = (out / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["version"] for line in lines] == list(range(17))
+    assert "resumed at version" in (tmp_path / "standby.log").read_text()
