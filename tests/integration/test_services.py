@@ -20,7 +20,15 @@ from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
 from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig
-from shared.messages import GlobalModel, Job, Task, Update, decode_message, encode_message
+from shared.messages import (
+    GlobalModel,
+    Hello,
+    Job,
+    Task,
+    Update,
+    decode_message,
+    encode_message,
+)
 from shared.models import build_model, state_to_numpy
 from worker.metrics import WorkerMetrics
 from worker.service import LocalData, WorkerService
@@ -255,3 +263,30 @@ def test_no_task_goes_out_until_min_workers_have_said_hello(
 
     assert tasks_before_second == 0
     assert (tmp_path / "jobs" / "job-1" / "summary.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_synchronous_round_closes_on_its_deadline_when_a_worker_died_mid_training(
+    memory: MemoryBroker, tmp_path: Path
+) -> None:
+    aggregator = _aggregator(memory, tmp_path, max_jobs=1)
+    spec = _spec("fedavg", max_versions=2)
+    spec = replace(spec, strategy=replace(spec.strategy, round_deadline_s=1.5, min_workers=2))
+    _submit(memory, "job-1", spec)
+    sender = MemoryTransport(memory, TOPOLOGY)
+    sender.declare_worker("dead")  # says hello, takes its task, never answers
+    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(Hello("dead", 64, "cpu")))
+    alive = _worker(memory, "alive")
+    thread = _run_worker(alive)
+
+    aggregator.run()
+    alive.stop()
+    thread.join(10)
+
+    history = [
+        json.loads(line)
+        for line in (tmp_path / "jobs" / "job-1" / "history.jsonl").read_text().splitlines()
+    ]
+    assert [h["updates"] for h in history] == [0, 1, 1]
+    assert all(h["time_s"] >= 1.5 * h["version"] for h in history)
+    assert memory.depth(TOPOLOGY.task_queue("dead")) == 2  # one task per round, never taken
