@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from aggregator.aggregation import WeightedSum, cast_like, fedbuff_step, mix, staleness_factor
+from aggregator.aggregation import (
+    WeightedSum,
+    cast_like,
+    fedbuff_step,
+    is_averaged,
+    mix,
+    staleness_factor,
+)
 from shared.errors import TensorError
 from shared.messages import Job, Update
 from shared.tensors import Tensors, check_finite, check_like
@@ -21,6 +30,10 @@ from shared.tensors import Tensors, check_finite, check_like
 # A task re-issued to a worker that says it is idle must be at least this old: the hello may
 # simply have crossed the task on the wire.
 REISSUE_GRACE_S = 10.0
+# The norm bound compares an update with the median of this many recent accepted updates, and
+# only once this many were accepted: a median of one or two says little about what is normal.
+NORM_WINDOW = 50
+NORM_MIN_ACCEPTED = 3
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,7 @@ class JobState:
         self._round_contributors: set[str] = set()
         self._rng = random.Random(job.spec.seed)
         self._mean_samples = 0.0
+        self._accepted_norms: deque[float] = deque(maxlen=NORM_WINDOW)
 
     @property
     def update_kind(self) -> str:
@@ -161,6 +175,10 @@ class JobState:
     def offer(self, update: Update, now: float) -> Outcome:
         """Validate an update and fold it in; may complete a new version."""
         rejection = self._check(update)
+        norm: float | None = None
+        if rejection is None and self.strategy.max_update_norm_ratio is not None:
+            norm = self._change_norm(update)
+            rejection = self._check_norm(update, norm)
         if rejection is not None:
             self.rejected[rejection.reason] = self.rejected.get(rejection.reason, 0) + 1
             if rejection.reason != "duplicate":
@@ -175,6 +193,8 @@ class JobState:
             info.task_id = None
         self._fold(update, staleness)
         self.accepted += 1
+        if norm is not None:
+            self._accepted_norms.append(norm)
         new_version = self._maybe_advance(now)
         return Accepted(update.update_id, staleness, new_version)
 
@@ -199,6 +219,30 @@ class JobState:
             check_finite(update.tensors)
         except TensorError as e:
             return no(e.reason, str(e))
+        return None
+
+    def _change_norm(self, update: Update) -> float:
+        """L2 norm, in float64, of what the update would change in floating-point tensors."""
+        total = 0.0
+        for name, array in update.tensors.items():
+            if not is_averaged(array):
+                continue
+            change = array.astype(np.float64).ravel()
+            if self.update_kind == "weights":
+                change -= self.model[name].ravel()
+            total += float(np.dot(change, change))
+        return math.sqrt(total)
+
+    def _check_norm(self, update: Update, norm: float) -> Rejected | None:
+        """Reject a change far larger than the recent accepted ones (strategy bound)."""
+        ratio = self.strategy.max_update_norm_ratio
+        if ratio is None or len(self._accepted_norms) < NORM_MIN_ACCEPTED:
+            return None
+        median = statistics.median(self._accepted_norms)
+        # A zero median (updates that changed nothing) would reject every real change forever.
+        if median > 0 and norm > ratio * median:
+            detail = f"change norm {norm:.6g} > {ratio:g} x median {median:.6g} of recent updates"
+            return Rejected(update.update_id, "norm_too_large", detail)
         return None
 
     def _fold(self, update: Update, staleness: int) -> None:
@@ -304,6 +348,7 @@ class JobState:
             "rejected": dict(self.rejected),
             "round_contributors": sorted(self._round_contributors),
             "mean_samples": self._mean_samples,
+            "accepted_norms": list(self._accepted_norms),
         }
 
     def restore(self, snap: dict[str, Any], now: float) -> None:
@@ -329,3 +374,6 @@ class JobState:
         self._round_started = now
         self._round_contributors = set(snap["round_contributors"])
         self._mean_samples = float(snap["mean_samples"])
+        # Checkpoints written before the norm bound existed have no norms: it starts afresh.
+        norms = (float(v) for v in snap.get("accepted_norms", []))
+        self._accepted_norms = deque(norms, maxlen=NORM_WINDOW)

@@ -83,6 +83,9 @@ class StrategyConfig:
     staleness_a: float = 0.5
     staleness_b: float = 4.0
     max_staleness: int | None = None
+    # every strategy: reject an update whose change (delta, or weights minus the global model)
+    # has an L2 norm above this ratio times the median of recent accepted ones (None: no bound).
+    max_update_norm_ratio: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.name in STRATEGIES, f"strategy.name must be one of {STRATEGIES}")
@@ -103,6 +106,10 @@ class StrategyConfig:
         _require(
             self.max_staleness is None or self.max_staleness >= 0,
             "strategy.max_staleness must be >= 0",
+        )
+        _require(
+            self.max_update_norm_ratio is None or self.max_update_norm_ratio > 1,
+            "strategy.max_update_norm_ratio must be > 1",
         )
 
 
