@@ -69,6 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, help="FedAsync mixing weight")
     p.add_argument("--staleness", choices=["constant", "polynomial", "hinge"])
     p.add_argument("--max-staleness", type=int)
+    p.add_argument(
+        "--max-update-norm-ratio", type=float, help="reject updates this many times the median norm"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: auto)")
     p.add_argument("--quiet", action="store_true", help="no live progress")
     p.add_argument("--log-level", default=os.environ.get("FEDQ_LOG_LEVEL", "WARNING"))
@@ -99,6 +102,7 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
         alpha=args.alpha,
         staleness=args.staleness,
         max_staleness=args.max_staleness,
+        max_update_norm_ratio=args.max_update_norm_ratio,
     )
     training = _with(
         spec.training,

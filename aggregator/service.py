@@ -178,7 +178,7 @@ class AggregatorService:
         self.metrics.aggregation_duration.observe(time.perf_counter() - started)
 
     def _reject(self, delivery: Delivery, reason: str, update_id: str) -> None:
-        logger.info("update %s rejected: %s", update_id, reason)
+        logger.warning("rejecting update %s: %s", update_id, reason)
         self.transport.reject(delivery, reason)
 
     # ------------------------------------------------------------------ jobs

@@ -109,6 +109,9 @@ class Transport(ABC):
 
     def receive(self, timeout: float) -> Delivery | None:
         """Return the next whole message of a subscribed queue, or None if none came in time."""
+        # Expiry runs on every call, not only when the queue is idle: under steady traffic an
+        # incomplete set would otherwise hold its chunks (and the prefetch) indefinitely.
+        self._expire_chunks()
         raw = self._receive_raw(timeout)
         while raw is not None:
             # The dead queue is read as it is: a bad chunk set dead-lettered again would loop.
@@ -120,7 +123,6 @@ class Transport(ABC):
             if whole is not None:
                 return whole
             raw = self._receive_raw(0)
-        self._expire_chunks()
         return None
 
     def ack(self, delivery: Delivery) -> None:

@@ -282,7 +282,7 @@ def decode_message(payload: bytes) -> Message:
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as e:
-        raise MalformedMessageError(f"not a msgpack message: {e}") from e
+        raise MalformedMessageError(f"not a msgpack message: {type(e).__name__}: {e}") from e
     except Exception as e:  # msgpack raises bare exceptions on some truncations
         raise MalformedMessageError(f"not a msgpack message: {type(e).__name__}: {e}") from e
     if not isinstance(body, dict):
