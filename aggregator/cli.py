@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import fields
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
@@ -21,6 +21,7 @@ from broker.topology import JOB_ROUTING_KEY
 from shared.errors import FedqError
 from shared.jobs import JobSpec, load_job_file
 from shared.messages import ID_PATTERN, Job, encode_message
+from shared.ops import Health, Operations
 from shared.settings import load_settings, masked
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", dest="state_dir", help="where job outputs are kept")
     parser.add_argument("--output-dir", dest="output_dir", help="one job's output directory")
     parser.add_argument("--prefix", help="topology name prefix (default fedq)")
-    parser.add_argument("--metrics-port", dest="metrics_port", type=int)
+    parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="0: no /metrics")
+    parser.add_argument("--metrics-host", dest="metrics_host", help="default 0.0.0.0")
     parser.add_argument("--max-jobs", dest="max_jobs", type=int, help="exit after N jobs")
     parser.add_argument("--worker-timeout", dest="worker_timeout_s", type=float)
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
@@ -55,17 +57,19 @@ def aggregator_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     settings = aggregator_settings(args)
     logger.info("settings: %s", masked(settings))
-    registry = CollectorRegistry()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=registry)
-    transport = connect(settings.broker, Topology(settings.prefix), chunk_size=settings.chunk_size)
-    service = AggregatorService(transport, settings, AggregatorMetrics(registry))
-    signal.signal(signal.SIGTERM, lambda *_: service.stop())
-    signal.signal(signal.SIGINT, lambda *_: service.stop())
-    try:
-        service.run()
-    finally:
-        transport.close()
+    registry, health = CollectorRegistry(), Health()
+    metrics = AggregatorMetrics(registry)
+    # Up before connecting: /healthz says "starting" while the broker is retried.
+    with Operations(registry, health, settings):
+        topology = Topology(settings.prefix)
+        transport = connect(settings.broker, topology, chunk_size=settings.chunk_size)
+        service = AggregatorService(transport, settings, metrics, health=health)
+        signal.signal(signal.SIGTERM, lambda *_: service.stop())
+        signal.signal(signal.SIGINT, lambda *_: service.stop())
+        try:
+            service.run()
+        finally:
+            transport.close()
     return 0
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+JOB_STATES = ("idle", "running")
 
 
 class AggregatorMetrics:
@@ -70,8 +77,49 @@ class AggregatorMetrics:
             "fedq_aggregator_jobs_completed", "Jobs finished.", registry=registry
         )
         self.bytes_received = Counter(
-            "fedq_aggregator_received_bytes", "Bytes of messages received.", registry=registry
+            "fedq_aggregator_received_bytes",
+            "Bytes of updates received for the running job.",
+            registry=registry,
         )
         self.bytes_sent = Counter(
             "fedq_aggregator_sent_bytes", "Bytes of tasks published.", registry=registry
         )
+        self.started_at = time.time()
+        registry.register(_ScrapeTimeCollector(self))
+
+
+class _ScrapeTimeCollector(Collector):
+    """Metrics computed when scraped from the ones the service sets: the age of the newest
+    model (an alert needs no clock arithmetic) and the job state as one gauge per state.
+    """
+
+    def __init__(self, metrics: AggregatorMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        """The derived metrics' current values."""
+        last = _value(self.metrics.last_model_timestamp) or self.metrics.started_at
+        yield GaugeMetricFamily(
+            "fedq_aggregator_last_model_age_seconds",
+            "Seconds since the newest model version appeared (since start-up before the first).",
+            value=max(0.0, time.time() - last),
+        )
+        running = _value(self.metrics.job_running) > 0
+        state = GaugeMetricFamily(
+            "fedq_aggregator_job_state",
+            "1 for the aggregator's current job state, 0 for the others.",
+            labels=["state"],
+        )
+        for name in JOB_STATES:
+            state.add_metric([name], float((name == "running") == running))
+        yield state
+
+    def describe(self) -> Iterable[Metric]:
+        """Names only, so that registering checks them against the other metrics' names."""
+        yield GaugeMetricFamily("fedq_aggregator_last_model_age_seconds", "")
+        yield GaugeMetricFamily("fedq_aggregator_job_state", "", labels=["state"])
+
+
+def _value(gauge: Gauge) -> float:
+    """A label-less gauge's current value, through the public collect() API."""
+    return float(next(iter(gauge.collect())).samples[0].value)

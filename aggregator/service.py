@@ -22,6 +22,7 @@ from shared.errors import ProtocolError, TransportError
 from shared.jobs import TrainingConfig, to_dict
 from shared.messages import GlobalModel, Hello, Job, Task, Update, decode_message, encode_message
 from shared.models import build_model, state_to_numpy
+from shared.ops import Health
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,15 @@ class AggregatorService:
         settings: AggregatorSettings,
         metrics: AggregatorMetrics,
         clock: Callable[[], float] = time.monotonic,
+        health: Health | None = None,
     ) -> None:
         self.transport = transport
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        # What /healthz and the systemd watchdog read; its own clock is real, not `clock`.
+        self.health = health if health is not None else Health()
+        self._gauges_at = -float("inf")
         self.transport.on_reject = lambda reason: metrics.updates_rejected.labels(reason).inc()
         self._stopping = False
         self._job: _Running | None = None
@@ -82,6 +87,7 @@ class AggregatorService:
         t.subscribe(t.topology.jobs)
         t.subscribe(t.topology.updates)
         logger.info("aggregator ready on %s", t.topology.prefix)
+        self.health.mark_ready()
         while not self._stopping:
             self.step(self.settings.poll_interval_s)
             if self.settings.max_jobs and self.jobs_done >= self.settings.max_jobs:
@@ -90,6 +96,7 @@ class AggregatorService:
     def stop(self) -> None:
         """Ask the loop to return after the current step (safe from a signal handler)."""
         self._stopping = True
+        self.health.mark_stopping()
 
     def step(self, timeout: float) -> bool:
         """Handle at most one message and the clock's consequences; return whether one came."""
@@ -103,12 +110,32 @@ class AggregatorService:
                 logger.exception("failed to handle a message from %s", delivery.queue)
                 self.transport.reject(delivery, "internal_error")
         self._tick()
+        self._note_progress()
         return delivery is not None
 
     def run_until_idle(self, idle_s: float = 0.2) -> None:
         """Process messages until none arrives for idle_s (tests)."""
         while self.step(idle_s):
             pass
+
+    def _note_progress(self) -> None:
+        """Tell the health check the loop went round; refresh the status and workers gauge."""
+        now = self.clock()
+        if now - self._gauges_at < 1.0:
+            self.health.progress()
+            return
+        self._gauges_at = now
+        running = self._job
+        if running is not None:
+            active = len(running.state.alive_workers(now))
+            status = f"job {running.job.job_id}: version {running.state.version}"
+        else:
+            timeout = self.settings.worker_timeout_s
+            active = sum(1 for seen, _ in self._known_workers.values() if now - seen <= timeout)
+            status = "idle: waiting for a job"
+        # Set here as well as on dispatch: workers that went silent must drop out of the gauge.
+        self.metrics.workers_active.set(active)
+        self.health.progress(f"{status}, {active} workers active")
 
     # ------------------------------------------------------------------ messages
 

@@ -18,6 +18,10 @@ class AggregatorSettings:
     prefix: str = "fedq"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metrics_port: int = 0
+    # The address /metrics and /healthz listen on ("0.0.0.0": every IPv4 interface).
+    metrics_host: str = "0.0.0.0"
+    # /healthz answers 503 once the service loop has not gone round for this many seconds.
+    health_timeout_s: float = 60.0
     poll_interval_s: float = 0.2
     worker_timeout_s: float = 60.0
     # 0: serve jobs forever; N: exit after N jobs (burst mode for `fedq run` and tests).

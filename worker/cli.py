@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 import torch
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from broker import MemoryBroker, Topology, connect
+from shared.ops import Health, Operations
 from shared.settings import load_settings, masked
 from worker.data import load_local_data
 from worker.device import select_device
@@ -41,7 +42,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slowdown", type=float, help="stretch training time by this factor")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--metrics-port", dest="metrics_port", type=int)
+    parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="0: no /metrics")
+    parser.add_argument("--metrics-host", dest="metrics_host", help="default 0.0.0.0")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
     parser.add_argument("--log-level", default=os.environ.get("FEDQ_LOG_LEVEL", "INFO"))
 
@@ -52,7 +54,12 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
     return load_settings(WorkerSettings, args.config, os.environ, overrides)
 
 
-def build_worker(settings: WorkerSettings, memory: MemoryBroker | None = None) -> WorkerService:
+def build_worker(
+    settings: WorkerSettings,
+    memory: MemoryBroker | None = None,
+    registry: CollectorRegistry | None = None,
+    health: Health | None = None,
+) -> WorkerService:
     """Build a worker service from its settings: transport, device, data and metrics."""
     from shared.errors import ConfigError
 
@@ -62,12 +69,10 @@ def build_worker(settings: WorkerSettings, memory: MemoryBroker | None = None) -
         torch.set_num_threads(settings.threads)
     device = select_device(settings.device)
     data = load_local_data(settings, device)
-    registry = CollectorRegistry()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=registry)
+    metrics = WorkerMetrics(registry if registry is not None else CollectorRegistry())
     topology = Topology(settings.prefix)
     transport = connect(settings.broker, topology, memory=memory, chunk_size=settings.chunk_size)
-    return WorkerService(transport, settings, data, device, WorkerMetrics(registry))
+    return WorkerService(transport, settings, data, device, metrics, health=health)
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
@@ -80,9 +85,14 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     )
     settings = settings_from(args)
     logger.info("settings: %s", masked(settings))
-    service = build_worker(settings)
-    signal.signal(signal.SIGTERM, lambda *_: service.stop())
-    signal.signal(signal.SIGINT, lambda *_: service.stop())
-    service.run()
-    service.transport.close()
+    registry, health = CollectorRegistry(), Health()
+    # Up before loading data and connecting: /healthz says "starting" meanwhile.
+    with Operations(registry, health, settings):
+        service = build_worker(settings, registry=registry, health=health)
+        signal.signal(signal.SIGTERM, lambda *_: service.stop())
+        signal.signal(signal.SIGINT, lambda *_: service.stop())
+        try:
+            service.run()
+        finally:
+            service.transport.close()
     return 0

@@ -19,6 +19,7 @@ from shared.errors import ProtocolError
 from shared.jobs import ModelSpec
 from shared.messages import Hello, Task, Update, decode_message, encode_message
 from shared.models import build_model, load_numpy_state, state_to_numpy
+from shared.ops import Health
 from shared.tensors import Tensors
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
@@ -53,6 +54,7 @@ class WorkerService:
         device: torch.device,
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.monotonic,
+        health: Health | None = None,
     ) -> None:
         self.transport = transport
         self.settings = settings
@@ -60,6 +62,8 @@ class WorkerService:
         self.device = device
         self.metrics = metrics
         self.clock = clock
+        # What /healthz and the systemd watchdog read; its own clock is real, not `clock`.
+        self.health = health if health is not None else Health()
         self.worker_id = settings.worker_id
         self._models: dict[ModelSpec, nn.Module] = {}
         self._pending: Task | None = None
@@ -87,11 +91,13 @@ class WorkerService:
             "worker %s ready: %d samples on %s", self.worker_id, self.data.num_samples, self.device
         )
         self._hello()
+        self.health.mark_ready()
 
     def stop(self) -> None:
         """Ask the loop to return (safe from a signal handler)."""
         self._stopping = True
         self._stopped.set()
+        self.health.mark_stopping()
 
     def close(self) -> None:
         """Wait for a training in progress and publish its update, then shut down."""
@@ -126,6 +132,8 @@ class WorkerService:
             and self.clock() - self._last_hello >= self.settings.hello_interval_s
         ):
             self._hello()
+        # Training runs on its own thread, so this loop goes round however long it takes.
+        self.health.progress("training" if self._training is not None else "idle")
 
     # ------------------------------------------------------------------ internals
 

@@ -33,3 +33,7 @@ class WorkerSettings:
     seed: int = 0
     threads: int = 0
     metrics_port: int = 0
+    # The address /metrics and /healthz listen on ("0.0.0.0": every IPv4 interface).
+    metrics_host: str = "0.0.0.0"
+    # /healthz answers 503 once the service loop has not gone round for this many seconds.
+    health_timeout_s: float = 60.0
