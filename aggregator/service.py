@@ -174,6 +174,11 @@ class AggregatorService:
     def _on_update(self, update: Update, delivery: Delivery) -> None:
         self.metrics.updates_received.inc()
         self.metrics.update_size.observe(len(delivery.body))
+        if self.settings.require_user_id and delivery.user_id != update.worker_id:
+            detail = f"worker {update.worker_id!r} published as user {delivery.user_id!r}"
+            logger.warning("rejecting update %s: %s", update.update_id, detail)
+            self.transport.reject(delivery, "user_mismatch", detail)
+            return
         running = self._job
         if running is None or update.job_id != running.job.job_id:
             finished = update.job_id in self._finished_jobs

@@ -34,3 +34,7 @@ class AggregatorSettings:
     eval_device: str = "cpu"
     # A message larger than this (after reassembly) is dead-lettered as too_large, not decoded.
     max_message_bytes: int = 512 * 1024 * 1024
+    # Reject (user_mismatch) an update whose worker id is not the broker-validated user_id it
+    # was published with, or that has none: workers must connect as a user named like their id
+    # and publish with stamp_user_id.
+    require_user_id: bool = False

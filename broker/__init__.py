@@ -14,8 +14,17 @@ def connect(
     topology: Topology,
     memory: MemoryBroker | None = None,
     chunk_size: int | None = None,
+    *,
+    stamp_user_id: bool = False,
+    user: str | None = None,
+    declare_topology: bool = True,
 ) -> Transport:
-    """Open a transport: "memory" for the in-process broker, amqp(s):// for RabbitMQ."""
+    """Open a transport: "memory" for the in-process broker, amqp(s):// for RabbitMQ.
+
+    stamp_user_id: publish with user_id set to the connection's user (which RabbitMQ validates);
+    the in-process broker has no users and stamps `user` instead. declare_topology=False: a
+    worker only checks its task queue passively (RabbitMQ; a least-privilege deployment).
+    """
     from shared.chunks import DEFAULT_CHUNK_SIZE
     from shared.errors import ConfigError
 
@@ -26,9 +35,15 @@ def connect(
                 "--broker memory only works inside `fedq run`, where every service shares one "
                 "process; give separate services an amqp:// URL"
             )
-        return MemoryTransport(memory, topology, size)
+        return MemoryTransport(memory, topology, size, user=user if stamp_user_id else None)
     if url.startswith(("amqp://", "amqps://")):
         from broker.rabbitmq import RabbitMQTransport
 
-        return RabbitMQTransport(url, topology, size)
+        return RabbitMQTransport(
+            url,
+            topology,
+            size,
+            stamp_user_id=stamp_user_id,
+            declare_topology=declare_topology,
+        )
     raise ConfigError(f"unsupported broker URL {url!r}: use 'memory' or amqp(s)://...")

@@ -20,6 +20,7 @@ class _Queued:
     body: bytes
     headers: dict[str, Any]
     redelivered: bool = False
+    user_id: str | None = None
 
 
 @dataclass
@@ -51,7 +52,14 @@ class MemoryBroker:
         with self._lock:
             self._exchanges[exchange].bindings.setdefault(routing_key, set()).add(queue)
 
-    def route(self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]) -> None:
+    def route(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any],
+        user_id: str | None = None,
+    ) -> None:
         """Put a message on every bound queue; raise PublishError if none (mandatory)."""
         with self._lock:
             ex = self._exchanges.get(exchange)
@@ -64,7 +72,7 @@ class MemoryBroker:
             if not targets:
                 raise PublishError(f"message to {exchange!r}/{routing_key!r} is unroutable")
             for queue in targets:
-                self._queues[queue].append(_Queued(body, headers))
+                self._queues[queue].append(_Queued(body, headers, user_id=user_id))
             self._lock.notify_all()
 
     def take(self, queues: list[str], timeout: float) -> tuple[str, _Queued] | None:
@@ -117,10 +125,16 @@ class MemoryTransport(Transport):
     """A Transport over a MemoryBroker: the embedded default for a federation in one process."""
 
     def __init__(
-        self, broker: MemoryBroker, topology: Topology, chunk_size: int = DEFAULT_CHUNK_SIZE
+        self,
+        broker: MemoryBroker,
+        topology: Topology,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        user: str | None = None,
     ) -> None:
         super().__init__(topology, chunk_size)
         self.broker = broker
+        # Simulates RabbitMQ's validated user_id: every message published is stamped with it.
+        self.user_id = user
         self._subscribed: list[str] = []
         self._unacked: dict[int, tuple[str, _Queued]] = {}
         self._tags = itertools.count(1)
@@ -160,7 +174,7 @@ class MemoryTransport(Transport):
         self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]
     ) -> None:
         self._check_open()
-        self.broker.route(exchange, routing_key, bytes(body), headers)
+        self.broker.route(exchange, routing_key, bytes(body), headers, self.user_id)
 
     def _receive_raw(self, timeout: float) -> RawMessage | None:
         self._check_open()
@@ -170,14 +184,23 @@ class MemoryTransport(Transport):
         queue, message = taken
         tag = next(self._tags)
         self._unacked[tag] = taken
-        return RawMessage(message.body, queue, tag, dict(message.headers), message.redelivered)
+        return RawMessage(
+            message.body,
+            queue,
+            tag,
+            dict(message.headers),
+            message.redelivered,
+            message.user_id,
+        )
 
     def _settle_raw(self, handle: Any, ack: bool, requeue: bool) -> None:
         queue, message = self._unacked.pop(handle)
         if not ack and requeue:
             self.broker.give_back(queue, message)
         elif not ack:
-            self.broker.route(self.topology.dead, "", message.body, message.headers)
+            self.broker.route(
+                self.topology.dead, "", message.body, message.headers, message.user_id
+            )
 
     def teardown(self, worker_ids: list[str]) -> None:
         """Delete this topology's queues and exchanges from the in-process broker."""

@@ -133,6 +133,8 @@ class RabbitMQTransport(Transport):
         prefetch_count: int = DEFAULT_PREFETCH,
         reconnect: ReconnectPolicy | None = None,
         connection_name: str | None = None,
+        stamp_user_id: bool = False,
+        declare_topology: bool = True,
     ) -> None:
         super().__init__(topology, chunk_size)
         if prefetch_count < 1:
@@ -143,6 +145,12 @@ class RabbitMQTransport(Transport):
         self.reconnects = 0  # successful reconnects so far, for a metric
         self._url = masked_url(url)
         self._params = _connection_parameters(url, self.connection_name)
+        # user_id on every message: the broker refuses one that is not the connection's user, so
+        # a receiver can trust it (the aggregator checks it against an update's worker id).
+        username = getattr(self._params.credentials, "username", None)
+        self.user_id = str(username) if stamp_user_id and username else None
+        # False: a least-privilege worker checks its queue passively instead of declaring it.
+        self.declare_topology = declare_topology
         self._connection: Any = None
         self._channel: Any = None
         self._generation = 0
@@ -208,7 +216,9 @@ class RabbitMQTransport(Transport):
     def _publish_raw(
         self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any]
     ) -> None:
-        properties = pika.BasicProperties(delivery_mode=_PERSISTENT, headers=headers)
+        properties = pika.BasicProperties(
+            delivery_mode=_PERSISTENT, headers=headers, user_id=self.user_id
+        )
 
         def publish() -> None:
             self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
@@ -277,6 +287,10 @@ class RabbitMQTransport(Transport):
     def _declare_worker(self, worker_id: str) -> None:
         t, channel = self.topology, self._channel
         queue = t.task_queue(worker_id)
+        if not self.declare_topology:
+            # Declared by an operator (`fedq broker add-worker`): only check that it is there.
+            channel.queue_declare(queue, passive=True)
+            return
         channel.exchange_declare(t.tasks, exchange_type="direct", durable=True)
         channel.queue_declare(queue, durable=True, arguments=t.queue_arguments())
         channel.queue_bind(queue, t.tasks, routing_key=worker_id)

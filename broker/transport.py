@@ -54,6 +54,8 @@ class Transport(ABC):
         self.topology = topology
         self.chunk_size = chunk_size
         self.on_reject: RejectHook | None = None
+        # The user_id every message is published with (None: not set); see stamp_user_id.
+        self.user_id: str | None = None
         self._reassembler: Reassembler[RawMessage] = Reassembler()
 
     # -------------------------------------------------------------- implementation hooks

@@ -71,7 +71,15 @@ def build_worker(
     data = load_local_data(settings, device)
     metrics = WorkerMetrics(registry if registry is not None else CollectorRegistry())
     topology = Topology(settings.prefix)
-    transport = connect(settings.broker, topology, memory=memory, chunk_size=settings.chunk_size)
+    transport = connect(
+        settings.broker,
+        topology,
+        memory=memory,
+        chunk_size=settings.chunk_size,
+        stamp_user_id=settings.stamp_user_id,
+        user=settings.worker_id,
+        declare_topology=settings.declare_topology,
+    )
     return WorkerService(transport, settings, data, device, metrics, health=health)
 
 

@@ -37,3 +37,9 @@ class WorkerSettings:
     metrics_host: str = "0.0.0.0"
     # /healthz answers 503 once the service loop has not gone round for this many seconds.
     health_timeout_s: float = 60.0
+    # Publish with the broker-validated user_id (the aggregator's require_user_id checks it
+    # against the worker id: the broker user must be named like the worker).
+    stamp_user_id: bool = False
+    # False in a least-privilege deployment: the task queue is made by `fedq broker add-worker`
+    # and the worker only checks that it exists (its user may not declare anything).
+    declare_topology: bool = True

@@ -1,0 +1,94 @@
+"""The broker-validated user_id: the in-process broker stamps a transport's user on what it
+publishes, and an aggregator with require_user_id takes an update only from the user named like
+its worker id, rejecting the others as user_mismatch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hostile_input import WORKER, job, valid
+from prometheus_client import CollectorRegistry
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from broker import MemoryBroker, MemoryTransport, Topology, connect
+from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from shared.messages import encode_message
+
+pytestmark = pytest.mark.timeout(60)
+TOPOLOGY = Topology("fedq")
+
+
+def test_a_memory_transport_stamps_its_user_and_keeps_it_through_dead_lettering() -> None:
+    memory = MemoryBroker()
+    reader = MemoryTransport(memory, TOPOLOGY)
+    reader.declare()
+    reader.subscribe(TOPOLOGY.updates)
+    MemoryTransport(memory, TOPOLOGY, user="site-a").publish(TOPOLOGY.updates, "update", b"x")
+    MemoryTransport(memory, TOPOLOGY).publish(TOPOLOGY.updates, "update", b"y")
+    first, second = reader.receive(1.0), reader.receive(1.0)
+    assert first is not None and first.user_id == "site-a"
+    assert second is not None and second.user_id is None
+    reader.nack(first, requeue=False)  # to the dead queue, as the broker would, user kept
+    reader.subscribe(TOPOLOGY.dead)
+    dead = reader.receive(1.0)
+    assert dead is not None and dead.queue == TOPOLOGY.dead and dead.user_id == "site-a"
+
+
+def test_connect_stamps_the_user_only_when_asked() -> None:
+    memory = MemoryBroker()
+    assert connect("memory", TOPOLOGY, memory, user="w").user_id is None
+    stamped = connect("memory", TOPOLOGY, memory, stamp_user_id=True, user="w")
+    assert stamped.user_id == "w"
+
+
+def _aggregator(memory: MemoryBroker, tmp_path: Path, require: bool) -> AggregatorService:
+    transport = MemoryTransport(memory, TOPOLOGY)
+    settings = AggregatorSettings(broker="memory", state_dir=str(tmp_path), require_user_id=require)
+    service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
+    transport.declare()
+    transport.subscribe(TOPOLOGY.jobs)
+    transport.subscribe(TOPOLOGY.updates)
+    transport.declare_worker(WORKER)
+    transport.publish(TOPOLOGY.jobs, JOB_ROUTING_KEY, encode_message(job()))
+    service.run_until_idle()
+    return service
+
+
+def _dead_reasons(memory: MemoryBroker) -> list[str]:
+    dead = MemoryTransport(memory, TOPOLOGY)
+    dead.subscribe(TOPOLOGY.dead)
+    reasons = []
+    while (delivery := dead.receive(0.01)) is not None:
+        reasons.append(delivery.headers[REASON_HEADER])
+        dead.ack(delivery)
+    return reasons
+
+
+@pytest.mark.parametrize(
+    ("user", "accepted"), [(WORKER, True), ("someone-else", False), (None, False)]
+)
+def test_require_user_id_takes_an_update_only_from_its_workers_user(
+    tmp_path: Path, user: str | None, accepted: bool
+) -> None:
+    memory = MemoryBroker()
+    service = _aggregator(memory, tmp_path, require=True)
+    sender = MemoryTransport(memory, TOPOLOGY, user=user)
+    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, valid(0).parts[0])
+    service.run_until_idle(idle_s=0.01)
+    running = service._job
+    assert running is not None
+    assert running.state.version == (1 if accepted else 0)
+    assert _dead_reasons(memory) == ([] if accepted else ["user_mismatch"])
+
+
+def test_without_require_user_id_the_user_is_not_checked(tmp_path: Path) -> None:
+    memory = MemoryBroker()
+    service = _aggregator(memory, tmp_path, require=False)
+    sender = MemoryTransport(memory, TOPOLOGY, user="someone-else")
+    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, valid(0).parts[0])
+    service.run_until_idle(idle_s=0.01)
+    assert service._job is not None and service._job.state.version == 1
+    assert _dead_reasons(memory) == []
