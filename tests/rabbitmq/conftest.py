@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
 import pytest
-from rabbitmq_scratch import Scratch, with_query
+from rabbitmq_scratch import Scratch, Spawn, with_query
 
 from broker.topology import Topology
 
@@ -46,3 +49,26 @@ def scratch(amqp_url: str) -> Iterator[Scratch]:
         scratch.cleanup()
         if connection.is_open:
             connection.close()
+
+
+@pytest.fixture
+def spawn(scratch: Scratch, tmp_path: Path) -> Iterator[Spawn]:
+    """Start `python -m SERVICE` on the test's topology; kill what is left afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(service: str, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        common = ["--broker", scratch.url, "--prefix", scratch.topology.prefix]
+        with open(tmp_path / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", service, *common, "--log-level", "INFO", *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -13,6 +14,9 @@ import pika
 
 from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
 from broker.topology import Topology
+
+# Starts `python -m SERVICE` on the test's topology: spawn(service, log_name, *argv).
+Spawn = Callable[..., subprocess.Popen[bytes]]
 
 
 def with_query(url: str, **params: object) -> str:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rabbitmq_scratch import Scratch
+from rabbitmq_scratch import Scratch, Spawn
 
 from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig
@@ -32,31 +30,6 @@ SPEC = JobSpec(
     training=TrainingConfig(batch_size=32, lr=0.05),
     stop=StopConfig(max_versions=100_000, max_time_s=40.0),
 )
-
-Spawn = Callable[..., subprocess.Popen[bytes]]
-
-
-@pytest.fixture
-def spawn(scratch: Scratch, tmp_path: Path) -> Iterator[Spawn]:
-    """Start `python -m SERVICE` on the test's topology; kill what is left afterwards."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(service: str, name: str, *argv: str) -> subprocess.Popen[bytes]:
-        common = ["--broker", scratch.url, "--prefix", scratch.topology.prefix]
-        with open(tmp_path / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", service, *common, "--log-level", "INFO", *argv],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

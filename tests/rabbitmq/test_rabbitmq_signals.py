@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rabbitmq_scratch import Scratch
+from rabbitmq_scratch import Scratch, Spawn
 
 from broker.transport import Transport
 from shared.jobs import ModelSpec, TrainingConfig
@@ -19,29 +16,6 @@ from shared.models import build_model, state_to_numpy
 
 pytestmark = pytest.mark.rabbitmq
 MODEL = ModelSpec("mlp", (1, 8, 8), 10)
-
-
-@pytest.fixture
-def spawn(scratch: Scratch, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start `python -m SERVICE` on the test's topology; kill what is left afterwards."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(service: str, *argv: str) -> subprocess.Popen[bytes]:
-        common = ["--broker", scratch.url, "--prefix", scratch.topology.prefix]
-        with open(tmp_path / f"{service}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", service, *common, "--log-level", "INFO", *argv],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
 
 
 def _wait_for(reader: Transport, kind: type, timeout: float = 60.0) -> object:
@@ -59,7 +33,7 @@ def _wait_for(reader: Transport, kind: type, timeout: float = 60.0) -> object:
 
 @pytest.mark.timeout(120)
 def test_sigterm_makes_a_training_worker_send_its_update_then_exit_zero(
-    scratch: Scratch, tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+    scratch: Scratch, tmp_path: Path, spawn: Spawn
 ) -> None:
     # The updates queue has a single active consumer, which basic.get cannot bypass.
     reader = scratch.transport()
@@ -67,7 +41,7 @@ def test_sigterm_makes_a_training_worker_send_its_update_then_exit_zero(
     reader.subscribe(scratch.topology.updates)
     worker_id = scratch.worker("w0")
     worker = spawn(
-        "worker", "--worker-id", worker_id, "--dataset", "digits",
+        "worker", "worker", "--worker-id", worker_id, "--dataset", "digits",
         "--threads", "1", "--slowdown", "400",
     )  # fmt: skip
     _wait_for(reader, Hello)
@@ -87,9 +61,9 @@ def test_sigterm_makes_a_training_worker_send_its_update_then_exit_zero(
 
 @pytest.mark.timeout(120)
 def test_sigterm_stops_an_idle_aggregator_with_exit_code_zero(
-    scratch: Scratch, tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+    scratch: Scratch, tmp_path: Path, spawn: Spawn
 ) -> None:
-    aggregator = spawn("aggregator", "--state-dir", str(tmp_path / "state"))
+    aggregator = spawn("aggregator", "aggregator", "--state-dir", str(tmp_path / "state"))
     deadline = time.monotonic() + 60
     while "aggregator ready" not in (tmp_path / "aggregator.log").read_text():
         assert time.monotonic() < deadline and aggregator.poll() is None
