@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import fields
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -60,10 +61,16 @@ def aggregator_main(argv: Sequence[str] | None = None) -> int:
     registry, health = CollectorRegistry(), Health()
     metrics = AggregatorMetrics(registry)
     # Up before connecting: /healthz says "starting" while the broker is retried.
-    with Operations(registry, health, settings):
+    services: list[AggregatorService] = []
+
+    def status() -> dict[str, Any]:
+        return services[0].status() if services else {"state": "starting"}
+
+    with Operations(registry, health, settings, status=status):
         topology = Topology(settings.prefix)
         transport = connect(settings.broker, topology, chunk_size=settings.chunk_size)
         service = AggregatorService(transport, settings, metrics, health=health)
+        services.append(service)
         signal.signal(signal.SIGTERM, lambda *_: service.stop())
         signal.signal(signal.SIGINT, lambda *_: service.stop())
         try:
@@ -108,6 +115,8 @@ COMMANDS = {
     "aggregator": "run the aggregator service",
     "worker": "run a worker service",
     "submit": "put a job on the job queue",
+    "status": "show the aggregator's job, version, accuracy, workers and backlog",
+    "report": "draw a run directory's accuracy and staleness as a PNG",
 }
 
 
@@ -131,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from worker.cli import worker_main
 
             return worker_main(rest)
+        if command == "status":
+            from aggregator.status import status_main
+
+            return status_main(rest)
+        if command == "report":
+            from aggregator.report import report_main
+
+            return report_main(rest)
         return submit_main(rest)
     except FedqError as e:
         print(f"fedq {command}: {e}", file=sys.stderr)

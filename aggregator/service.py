@@ -137,6 +137,44 @@ class AggregatorService:
         self.metrics.workers_active.set(active)
         self.health.progress(f"{status}, {active} workers active")
 
+    def status(self) -> dict[str, Any]:
+        """What `fedq status` shows, for the /status endpoint (read from the HTTP thread)."""
+        running = self._job
+        queued = [job.job_id for job, _ in list(self._queued_jobs)]
+        out: dict[str, Any] = {
+            "state": "idle" if running is None else "running",
+            "job_id": None,
+            "strategy": None,
+            "model": None,
+            "version": None,
+            "round": None,
+            "accuracy": None,
+            "loss": None,
+            "best_accuracy": None,
+            "updates_accepted": None,
+            "updates_held": 0,
+            "queued_jobs": len(queued),
+            "queued_job_ids": queued,
+            "jobs_done": self.jobs_done,
+            "finished_jobs": len(self._finished_jobs),
+        }
+        if running is not None:
+            state, spec = running.state, running.job.spec
+            out |= {
+                "job_id": running.job.job_id,
+                "strategy": spec.strategy.name,
+                "model": spec.model.name,
+                "version": state.version,
+                "round": state.round,
+                "accuracy": running.last_accuracy,
+                "loss": running.last_loss,
+                "best_accuracy": running.best_accuracy,
+                "updates_accepted": state.accepted,
+                # Accepted, not yet acked: they wait for the next checkpoint.
+                "updates_held": len(running.unacked),
+            }
+        return out
+
     # ------------------------------------------------------------------ messages
 
     def _handle(self, delivery: Delivery) -> None:
@@ -391,6 +429,7 @@ class AggregatorService:
                 "update_ids": record.update_ids if record else [],
                 "mean_staleness": record.mean_staleness if record else 0.0,
                 "max_staleness": max(record.staleness, default=0) if record else 0,
+                "staleness": list(record.staleness) if record else [],
                 "updates_accepted": state.accepted,
                 "updates_rejected": sum(state.rejected.values()),
             }

@@ -229,11 +229,16 @@ class _Supervisor:
 # ---------------------------------------------------------------------- HTTP
 
 
+# What GET /status answers (a JSON object); a service without one answers 404 there.
+StatusSource = Callable[[], Mapping[str, Any]]
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     registry: CollectorRegistry
     health: Health
     health_timeout_s: float
+    status: StatusSource | None
 
 
 class _Server6(_Server):
@@ -251,6 +256,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/healthz":
             healthy, body = self.server.health.report(self.server.health_timeout_s)
             self._answer(200 if healthy else 503, "application/json", json.dumps(body).encode())
+        elif path == "/status" and self.server.status is not None:
+            text = json.dumps(dict(self.server.status()), sort_keys=True)
+            self._answer(200, "application/json", text.encode())
         else:
             self._answer(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
 
@@ -267,10 +275,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer:
-    """GET /metrics (the registry's exposition) and GET /healthz, from a daemon thread."""
+    """GET /metrics (the registry's exposition), GET /healthz and, when given a status source,
+    GET /status (its JSON), from a daemon thread."""
 
     def __init__(
-        self, registry: CollectorRegistry, health: Health, host: str, port: int, timeout_s: float
+        self,
+        registry: CollectorRegistry,
+        health: Health,
+        host: str,
+        port: int,
+        timeout_s: float,
+        status: StatusSource | None = None,
     ) -> None:
         server_class = _Server6 if ":" in host else _Server
         try:
@@ -280,6 +295,7 @@ class MetricsServer:
         self._server.registry = registry
         self._server.health = health
         self._server.health_timeout_s = timeout_s
+        self._server.status = status
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         )
@@ -327,6 +343,7 @@ class Operations:
         health: Health,
         settings: OpsSettings,
         environ: Mapping[str, str] | None = None,
+        status: StatusSource | None = None,
     ) -> None:
         self.health = health
         self.server: MetricsServer | None = None
@@ -337,6 +354,7 @@ class Operations:
                 settings.metrics_host,
                 settings.metrics_port,
                 settings.health_timeout_s,
+                status,
             )
         notifier = SystemdNotifier.from_environ(os.environ if environ is None else environ)
         self._supervisor = _Supervisor(notifier, health) if notifier.enabled else None
