@@ -115,6 +115,7 @@ COMMANDS = {
     "aggregator": "run the aggregator service",
     "worker": "run a worker service",
     "submit": "put a job on the job queue",
+    "broker": "least-privilege broker users: add-worker NAME",
     "status": "show the aggregator's job, version, accuracy, workers and backlog",
     "report": "draw a run directory's accuracy and staleness as a PNG",
 }
@@ -129,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args and args[0] in ("-h", "--help") else 2
     command, rest = args[0], args[1:]
     try:
+        if command == "broker":
+            from broker.admin import broker_main
+
+            return broker_main(rest)
         if command == "run":
             from aggregator.federation import run_main
 
