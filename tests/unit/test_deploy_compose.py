@@ -309,8 +309,9 @@ def test_every_compose_worker_has_a_user_and_a_task_queue_in_the_definitions() -
 # What each role touches, by RabbitMQ's access rules: exchange.declare and queue.declare need
 # configure on the resource; queue.bind needs write on the queue and read on the exchange;
 # basic.publish needs write on the exchange (amq.default for the default exchange);
-# basic.consume and basic.get need read on the queue. The services declare actively (broker/
-# rabbitmq.py: _declare_shared for the aggregator and `fedq submit`, _declare_worker for a worker).
+# basic.consume and basic.get need read on the queue. The aggregator and `fedq submit` declare
+# actively (broker/rabbitmq.py: _declare_shared); a worker, with FEDQ_DECLARE_TOPOLOGY=false, only
+# checks its queue passively, which needs no permission.
 def needs(user: str) -> dict[str, tuple[set[str], set[str]]]:
     """permission -> (names it must match, names it must not match) for one user."""
     shared = {T.jobs, T.updates, T.dead, T.tasks}
@@ -328,12 +329,23 @@ def needs(user: str) -> dict[str, tuple[set[str], set[str]]]:
             "read": ({T.jobs, T.updates, T.dead}, {T.tasks, other}),
         }
     own = T.task_queue(user)
+    everything = {T.jobs, T.updates, T.dead, T.tasks, own, other}
     return {
-        "configure": ({T.tasks, own}, {T.jobs, T.updates, T.dead, other}),
+        # Workers declare nothing (FEDQ_DECLARE_TOPOLOGY=false): their queue is only checked.
+        "configure": (set(), everything),
         # Never publish models or jobs: not the tasks or jobs exchanges, not the default one.
-        "write": ({T.updates, T.dead, own}, {T.tasks, T.jobs, other, "amq.default"}),
-        "read": ({T.tasks, own}, {T.jobs, T.updates, T.dead, other}),
+        "write": ({T.updates, T.dead}, {T.tasks, T.jobs, own, other, "amq.default"}),
+        "read": ({own}, {T.jobs, T.updates, T.dead, T.tasks, other}),
     }
+
+
+def test_site_permissions_are_those_fedq_broker_add_worker_sets() -> None:
+    from broker.admin import worker_permissions
+
+    for p in definitions()["permissions"]:
+        if p["user"].startswith("site-"):
+            w = worker_permissions(T, p["user"])
+            assert (p["configure"], p["write"], p["read"]) == (w.configure, w.write, w.read)
 
 
 def test_every_service_user_may_do_what_its_service_does_and_no_more() -> None:
