@@ -104,13 +104,52 @@ def masked_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-def _connection_parameters(url: str, connection_name: str) -> Any:
-    """Parse an amqp(s) URL; heartbeats and blocked-connection timeout default on, not off."""
+# Query parameters of an amqps:// URL that fedq reads itself (pika's own are passed on): the CA
+# that signed the broker's certificate, and this client's certificate and key (PEM files).
+TLS_QUERY_KEYS = ("cacertfile", "certfile", "keyfile")
+
+
+def _tls_options(url: str, query: dict[str, list[str]]) -> Any:
+    """An SSLOptions verifying the broker against `cacertfile` (else the system CAs) and
+    presenting `certfile`/`keyfile` when given."""
+    import ssl
+
+    files = {key: query[key][-1] for key in TLS_QUERY_KEYS if key in query}
     try:
-        params = pika.URLParameters(url)
+        context = ssl.create_default_context(cafile=files.get("cacertfile"))
+        if "certfile" in files:
+            context.load_cert_chain(files["certfile"], files.get("keyfile"))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"TLS files of {masked_url(url)}: {e}") from e
+    if "keyfile" in files and "certfile" not in files:
+        raise ConfigError(f"{masked_url(url)}: keyfile without certfile")
+    return pika.SSLOptions(context, server_hostname=urlsplit(url).hostname)
+
+
+def _connection_parameters(url: str, connection_name: str) -> Any:
+    """Parse an amqp(s) URL; heartbeats and blocked-connection timeout default on, not off.
+
+    amqps:// URLs may carry ?cacertfile=...&certfile=...&keyfile=... for TLS with a private CA
+    and client certificates (the broker's ssl_options verify_peer, fail_if_no_peer_cert).
+    """
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    pika_url = url
+    if any(key in query for key in TLS_QUERY_KEYS):
+        if parts.scheme != "amqps":
+            raise ConfigError(f"{masked_url(url)}: TLS files need an amqps:// URL")
+        kept = [
+            pair
+            for pair in parts.query.split("&")
+            if pair and pair.split("=", 1)[0] not in TLS_QUERY_KEYS
+        ]
+        pika_url = urlunsplit(parts._replace(query="&".join(kept)))
+    try:
+        params = pika.URLParameters(pika_url)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid broker URL {masked_url(url)}: {e}") from e
-    query = parse_qs(urlsplit(url).query)
+    if any(key in query for key in TLS_QUERY_KEYS):
+        params.ssl_options = _tls_options(url, query)
     if "heartbeat" not in query:
         params.heartbeat = DEFAULT_HEARTBEAT_S
     if "blocked_connection_timeout" not in query:
