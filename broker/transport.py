@@ -94,9 +94,9 @@ class Transport(ABC):
     def teardown(self, worker_ids: list[str]) -> None:
         """Delete this topology's queues and exchanges (a throw-away run's clean-up)."""
 
+    @abstractmethod
     def purge(self, queue: str) -> int:
         """Drop every ready message of a queue (tests and operators); return how many."""
-        raise NotImplementedError
 
     # -------------------------------------------------------------- public operations
 
