@@ -71,6 +71,18 @@ class WeightedSum:
         self.norm += weight if norm is None else norm
         self.count += 1
 
+    def reset(self) -> None:
+        """Empty the sum in place, so a new round or buffer reuses the same memory."""
+        for name, total in self.sums.items():
+            if is_averaged(total):
+                total.fill(0)
+            else:
+                # mean() hands these arrays out as they are: rebind, never overwrite them.
+                self.sums[name] = np.zeros_like(total)
+        self.total_weight = 0.0
+        self.norm = 0.0
+        self.count = 0
+
     def mean(self) -> Tensors:
         """Return sum / total weight for floating tensors, the newest value for the others."""
         if not self.total_weight > 0:

@@ -219,8 +219,9 @@ class AggregatorService:
             return
         running = self._job
         if running is None or update.job_id != running.job.job_id:
-            finished = update.job_id in self._finished_jobs
-            self._reject(delivery, "job_finished" if finished else "unknown_job", update.update_id)
+            reason = "job_finished" if update.job_id in self._finished_jobs else "unknown_job"
+            logger.warning("rejecting update %s: %s", update.update_id, reason)
+            self.transport.reject(delivery, reason, f"job {update.job_id!r} is not running")
             return
         running.bytes_received += len(delivery.body)
         self.metrics.bytes_received.inc(len(delivery.body))
@@ -246,10 +247,6 @@ class AggregatorService:
         if outcome.new_version is not None:
             self._on_new_version(running)
         self.metrics.aggregation_duration.observe(time.perf_counter() - started)
-
-    def _reject(self, delivery: Delivery, reason: str, update_id: str) -> None:
-        logger.warning("rejecting update %s: %s", update_id, reason)
-        self.transport.reject(delivery, reason)
 
     # ------------------------------------------------------------------ jobs
 

@@ -307,7 +307,7 @@ class JobState:
             )
         )
         self._pending = _Pending()
-        self._buffer = WeightedSum(self.model)
+        self._buffer.reset()
         if self.round is not None:
             self.round += 1
             self._round_started = now

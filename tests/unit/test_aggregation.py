@@ -137,3 +137,17 @@ def test_a_weighted_sum_refuses_non_positive_weights_and_empty_means() -> None:
         acc.add(_model([1.0, 1.0]), 0.0)
     with pytest.raises(ValueError):
         acc.mean()
+
+
+def test_resetting_a_sum_leaves_arrays_already_handed_out_by_mean_untouched() -> None:
+    acc = WeightedSum(_model([0.0, 0.0]))
+    acc.add(_model([2.0, 4.0], steps=7), 1.0)
+    handed_out = acc.mean()
+
+    acc.reset()
+    acc.add(_model([1.0, 1.0], steps=9), 2.0)
+
+    assert int(handed_out["steps"]) == 7
+    np.testing.assert_allclose(handed_out["w"], [2.0, 4.0])
+    np.testing.assert_allclose(acc.mean()["w"], [1.0, 1.0])
+    assert acc.count == 1 and acc.total_weight == 2.0
