@@ -47,7 +47,12 @@ class WeightedSum:
             name: np.zeros(a.shape, np.float32 if a.dtype == np.float16 else a.dtype)
             for name, a in reference.items()
         }
-        self._scratch = {name: np.empty_like(s) for name, s in self.sums.items() if is_averaged(s)}
+        # One small scratch per floating dtype, shared by every tensor of that dtype.
+        self._scratch = {
+            s.dtype: np.empty(min(AXPY_CHUNK, max(1, s.size)), s.dtype)
+            for s in sorted(self.sums.values(), key=lambda a: a.size)
+            if is_averaged(s)
+        }
         self.total_weight = 0.0
         self.norm = 0.0
         self.count = 0
@@ -61,10 +66,7 @@ class WeightedSum:
         for name, total in self.sums.items():
             value = tensors[name]
             if is_averaged(total):
-                # Into a reusable buffer, so that no model-sized temporary is allocated per update.
-                scratch = self._scratch[name]
-                np.multiply(value, weight, out=scratch, casting="unsafe")
-                total += scratch
+                axpy(total, value, weight, self._scratch[total.dtype])
             else:
                 self.sums[name] = value.copy()
         self.total_weight += weight
@@ -90,6 +92,26 @@ class WeightedSum:
         return {
             name: (s / self.total_weight if is_averaged(s) else s) for name, s in self.sums.items()
         }
+
+
+# Elements per slice in axpy: its scratch (512 KiB of float32) stays in the core's cache.
+AXPY_CHUNK = 1 << 17
+
+
+def axpy(total: np.ndarray, value: np.ndarray, weight: float, scratch: np.ndarray) -> None:
+    """total += weight * value, slice by slice through a small cache-resident scratch buffer.
+
+    Done whole, numpy writes weight * value into a model-sized temporary and reads it back; in
+    slices the product never leaves the cache, so each update is read once from memory, which
+    is what bounds the aggregator's arithmetic (docs/benchmarks.md). `scratch` is 1-d, of the
+    total's dtype and at least AXPY_CHUNK long.
+    """
+    flat_total, flat_value = total.reshape(-1), value.reshape(-1)
+    for start in range(0, flat_total.size, AXPY_CHUNK):
+        end = min(start + AXPY_CHUNK, flat_total.size)
+        product = scratch[: end - start]
+        np.multiply(flat_value[start:end], weight, out=product, dtype=product.dtype)
+        flat_total[start:end] += product
 
 
 def cast_like(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Tensors:

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.aggregation import (
+    AXPY_CHUNK,
     WeightedSum,
     apply_delta,
     fedavg,
@@ -151,3 +152,28 @@ def test_resetting_a_sum_leaves_arrays_already_handed_out_by_mean_untouched() ->
     np.testing.assert_allclose(handed_out["w"], [2.0, 4.0])
     np.testing.assert_allclose(acc.mean()["w"], [1.0, 1.0])
     assert acc.count == 1 and acc.total_weight == 2.0
+
+
+def test_float16_products_are_taken_in_float32_before_they_are_summed() -> None:
+    # 2049 is not a float16: a product rounded to float16 before the sum would come out 2048.
+    reference = {"h": np.zeros(1, np.float16)}
+    total = WeightedSum(reference)
+
+    total.add({"h": np.array([1.0], np.float16)}, 2049.0)
+
+    assert total.sums["h"].dtype == np.float32
+    assert float(total.sums["h"][0]) == 2049.0
+
+
+def test_tensors_longer_than_one_slice_and_views_are_summed_whole() -> None:
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(AXPY_CHUNK * 2 + 7,)).astype(np.float32)
+    transposed = rng.normal(size=(3, 5)).astype(np.float32).T
+    reference = {"big": np.zeros_like(big), "t": np.zeros((5, 3), np.float32)}
+    total = WeightedSum(reference)
+
+    total.add({"big": big, "t": transposed}, 2.0)
+    total.add({"big": big, "t": transposed}, 0.5)
+
+    np.testing.assert_allclose(total.sums["big"], 2.5 * big, rtol=1e-6)
+    np.testing.assert_allclose(total.sums["t"], 2.5 * transposed, rtol=1e-6)
