@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,12 +151,93 @@ def _body(message: Message) -> tuple[str, dict[str, Any]]:
 
 
 def encode_message(message: Message) -> bytes:
-    """Encode a message as a msgpack map with `protocol` and `type` first."""
+    """Encode a message as a msgpack map with `protocol` and `type` first.
+
+    The bytes are exactly msgpack.packb(..., use_bin_type=True) of that map; tensor data is
+    spliced in with one join instead of being copied through msgpack's growing buffer.
+    """
     kind, body = _body(message)
-    packed: bytes = msgpack.packb(
-        {"protocol": PROTOCOL_VERSION, "type": kind} | body, use_bin_type=True
+    parts: list[bytes | memoryview] = []
+    _pack_into(
+        {"protocol": PROTOCOL_VERSION, "type": kind} | body,
+        parts,
+        msgpack.Packer(use_bin_type=True),
     )
-    return packed
+    return b"".join(parts)
+
+
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether value certainly holds no bin: a scalar or a list of scalars (a shape)."""
+    kind = type(value)
+    return kind in _SCALARS or (kind is list and all(type(v) in _SCALARS for v in value))
+
+
+def _pack_into(obj: Any, parts: list[bytes | memoryview], packer: msgpack.Packer) -> None:
+    """Append obj's msgpack bytes to parts, leaving bin payloads as references, not copies.
+
+    Runs of plain items of a map or array are packed by msgpack in one call, as a map or array
+    of their own whose header is then dropped, since msgpack packs items independently.
+    """
+    if isinstance(obj, _BYTES_LIKE):
+        data = memoryview(obj)
+        parts += (_bin_header(data.nbytes), data)
+    elif type(obj) is dict:
+        parts.append(_container_header(len(obj), 0x80, 0xDE))
+        run: dict[Any, Any] = {}
+        for key, value in obj.items():
+            if _is_plain(value):
+                run[key] = value
+                continue
+            _pack_run(run, parts, packer)
+            run = {}
+            parts.append(packer.pack(key))
+            _pack_into(value, parts, packer)
+        _pack_run(run, parts, packer)
+    elif type(obj) is list:
+        parts.append(_container_header(len(obj), 0x90, 0xDC))
+        items: list[Any] = []
+        for item in obj:
+            if _is_plain(item):
+                items.append(item)
+                continue
+            _pack_run(items, parts, packer)
+            items = []
+            _pack_into(item, parts, packer)
+        _pack_run(items, parts, packer)
+    else:
+        parts.append(packer.pack(obj))
+
+
+def _pack_run(
+    run: dict[Any, Any] | list[Any], parts: list[bytes | memoryview], packer: msgpack.Packer
+) -> None:
+    if run:
+        size = len(run)
+        parts.append(packer.pack(run)[1 if size < 16 else 3 if size < 0x10000 else 5 :])
+
+
+def _bin_header(size: int) -> bytes:
+    # msgpack spec: bin 8 / bin 16 / bin 32, the length big-endian; packb picks the smallest.
+    if size < 0x100:
+        return bytes((0xC4, size))
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    if size <= 0xFFFFFFFF:
+        return b"\xc6" + size.to_bytes(4, "big")
+    raise ValueError(f"{size} bytes do not fit one msgpack bin")
+
+
+def _container_header(size: int, fix: int, code16: int) -> bytes:
+    # fixmap/fixarray up to 15 items, then map/array 16 (code16) and 32 (code16 + 1).
+    if size < 16:
+        return bytes((fix | size,))
+    if size < 0x10000:
+        return bytes((code16,)) + size.to_bytes(2, "big")
+    return bytes((code16 + 1,)) + size.to_bytes(4, "big")
 
 
 # ---------------------------------------------------------------- decoding
@@ -277,10 +359,147 @@ def _decode_body(kind: str, body: dict[str, Any]) -> Message:
     raise UnknownMessageTypeError(f"unknown message type {kind!r}")
 
 
+class _Unusual(Exception):
+    """Input the zero-copy reader leaves to msgpack; never escapes decode_message."""
+
+
+# Caps on the zero-copy reader's Python work: a message past them is read by msgpack's C code, so
+# that a hostile payload of millions of tiny items costs what it costs today.
+_FAST_MAX_ITEMS = 250_000
+_FAST_MAX_DEPTH = 16
+_U8, _U16, _U32, _U64 = (struct.Struct(f">{c}") for c in "BHIQ")
+_I8, _I16, _I32, _I64 = (struct.Struct(f">{c}") for c in "bhiq")
+_F32, _F64 = struct.Struct(">f"), struct.Struct(">d")
+_CONSTANTS = {0xC0: None, 0xC2: False, 0xC3: True}
+# Type byte -> (struct of the length or value that follows, what it is).
+_SIZED = {
+    0xC4: (_U8, "bin"), 0xC5: (_U16, "bin"), 0xC6: (_U32, "bin"),
+    0xCA: (_F32, "num"), 0xCB: (_F64, "num"),
+    0xCC: (_U8, "num"), 0xCD: (_U16, "num"), 0xCE: (_U32, "num"), 0xCF: (_U64, "num"),
+    0xD0: (_I8, "num"), 0xD1: (_I16, "num"), 0xD2: (_I32, "num"), 0xD3: (_I64, "num"),
+    0xD9: (_U8, "str"), 0xDA: (_U16, "str"), 0xDB: (_U32, "str"),
+    0xDC: (_U16, "array"), 0xDD: (_U32, "array"), 0xDE: (_U16, "map"), 0xDF: (_U32, "map"),
+}  # fmt: skip
+
+
+class _ZeroCopyReader:
+    """Reads the msgpack of a message as msgpack.unpackb would, but tensor data as views.
+
+    Only the `data` bins of the entries of a `tensors` list (of the message, or of a task's
+    `model`) become read-only memoryviews of the payload; everything else is built as msgpack
+    builds it. Anything unusual (ext types, non-str keys, truncation, trailing bytes, invalid
+    UTF-8, deep nesting, more than _FAST_MAX_ITEMS items) raises _Unusual, and decode_message
+    then reads the payload with msgpack, so errors and their reasons are msgpack's as before.
+    """
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.view = memoryview(payload)
+        self.pos = 0
+        self.budget = _FAST_MAX_ITEMS
+
+    def message(self) -> dict[str, Any]:
+        """Read the whole payload as one map."""
+        body = self.value(0, "message")
+        if type(body) is not dict or self.pos != len(self.payload):
+            raise _Unusual
+        return body
+
+    def value(self, depth: int, role: str) -> Any:
+        """Read the value at pos; role says where it sits: message, model, tensors, entry, data."""
+        byte = self.payload[self.pos]
+        self.pos += 1
+        if byte <= 0x7F:
+            return byte
+        if byte >= 0xE0:
+            return byte - 0x100
+        if byte <= 0x8F:
+            return self.map(byte & 0x0F, depth, role)
+        if byte <= 0x9F:
+            return self.array(byte & 0x0F, depth, role)
+        if byte <= 0xBF:
+            return self.text(byte & 0x1F)
+        if byte in _CONSTANTS:
+            return _CONSTANTS[byte]
+        sized = _SIZED.get(byte)
+        if sized is None:  # ext types and the never-used 0xc1
+            raise _Unusual
+        (number,) = sized[0].unpack_from(self.payload, self.pos)
+        self.pos += sized[0].size
+        if sized[1] == "num":
+            return number
+        if sized[1] == "str":
+            return self.text(number)
+        if sized[1] == "bin":
+            return self.binary(number, role)
+        if sized[1] == "array":
+            return self.array(number, depth, role)
+        return self.map(number, depth, role)
+
+    def text(self, size: int) -> str:
+        end = self.pos + size
+        if end > len(self.payload):
+            raise _Unusual
+        text = self.payload[self.pos : end].decode("utf-8")
+        self.pos = end
+        return text
+
+    def binary(self, size: int, role: str) -> bytes | memoryview:
+        end = self.pos + size
+        if end > len(self.payload):
+            raise _Unusual
+        data = self.view[self.pos : end] if role == "data" else self.payload[self.pos : end]
+        self.pos = end
+        return data
+
+    def array(self, size: int, depth: int, role: str) -> list[Any]:
+        self.spend(size, depth)
+        item_role = "entry" if role == "tensors" else ""
+        return [self.value(depth + 1, item_role) for _ in range(size)]
+
+    def map(self, size: int, depth: int, role: str) -> dict[str, Any]:
+        self.spend(2 * size, depth)
+        out: dict[str, Any] = {}
+        for _ in range(size):
+            key = self.value(depth + 1, "")
+            if type(key) is not str:  # msgpack also allows bytes keys; leave those to it
+                raise _Unusual
+            out[key] = self.value(depth + 1, _ROLES.get((role, key), ""))
+        return out
+
+    def spend(self, items: int, depth: int) -> None:
+        # Every item takes at least a byte, so a count past the bytes left is a lie.
+        self.budget -= items
+        if self.budget < 0 or depth >= _FAST_MAX_DEPTH or items > len(self.payload) - self.pos:
+            raise _Unusual
+
+
+_ROLES = {
+    ("message", "tensors"): "tensors",
+    ("message", "model"): "model",
+    ("model", "tensors"): "tensors",
+    ("entry", "data"): "data",
+}
+
+
+def _unpack(payload: bytes) -> Any:
+    """Return the msgpack value of payload, tensor data as views of it where that is safe."""
+    # Only immutable bytes are viewed: a view of a bytearray could change under the arrays.
+    if type(payload) is bytes:
+        try:
+            return _ZeroCopyReader(payload).message()
+        except (_Unusual, IndexError, struct.error, UnicodeDecodeError):
+            pass
+    return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+
+
 def decode_message(payload: bytes) -> Message:
-    """Decode and validate a message; raise a ProtocolError subclass with a reason on bad input."""
+    """Decode and validate a message; raise a ProtocolError subclass with a reason on bad input.
+
+    Tensors of a bytes payload are read-only views of it, so they keep the payload alive.
+    """
     try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        body = _unpack(payload)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as e:
         raise MalformedMessageError(f"not a msgpack message: {type(e).__name__}: {e}") from e
     except Exception as e:  # msgpack raises bare exceptions on some truncations

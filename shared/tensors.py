@@ -74,7 +74,8 @@ def decode_tensor(entry: Any) -> tuple[str, np.ndarray]:
         or not all(type(d) is int and d >= 0 for d in shape)
     ):
         raise TensorError(f"tensor {name!r}: shape must be a list of at most 8 non-negative ints")
-    if not isinstance(data, bytes):
+    # decode_message hands over bin data as a read-only memoryview of the payload.
+    if not isinstance(data, (bytes, memoryview)):
         raise TensorError(f"tensor {name!r}: data must be bin")
     dtype = WIRE_DTYPES[dtype_name]
     if math.prod(shape) * dtype.itemsize != len(data):
