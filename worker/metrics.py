@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+# The phases of a task cycle, in order; consecutive, so they add up to the wall-clock.
+# wait_aggregator: from publishing an update to the aggregator issuing the next task (the
+# task's issued_at, the aggregator's clock); wait_delivery: from then to the task's arrival.
+# handoff: from training done to the service loop noticing it.
+PHASES = (
+    "wait_aggregator",
+    "wait_delivery",
+    "decode",
+    "load",
+    "train",
+    "extract",
+    "encode",
+    "handoff",
+    "publish",
+)
+
 
 class WorkerMetrics:
     """The worker's counters, gauges and histograms (names prefixed fedq_, base units)."""
@@ -47,6 +63,15 @@ class WorkerMetrics:
         self.bytes_received = Counter(
             "fedq_worker_received_bytes", "Bytes of tasks received.", registry=registry
         )
+        self.phase_seconds = Counter(
+            "fedq_worker_phase_seconds",
+            "Wall-clock from the first task received to the last update published, by phase:"
+            " train is local training, the others are overhead.",
+            ["phase"],
+            registry=registry,
+        )
+        for phase in PHASES:
+            self.phase_seconds.labels(phase)
         self.device = Info(
             "fedq_worker_device", "The torch device the worker trains on.", registry=registry
         )

@@ -7,8 +7,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,6 +41,24 @@ class LocalData:
         return int(self.y.shape[0])
 
 
+@dataclass
+class _Cycle:
+    """Boundaries of one task's cycle (perf_counter seconds), for the phase metrics."""
+
+    received: float  # the task arrived (or the last update went out, if it was queued)
+    decoded: float
+    issued_at: float  # the aggregator's wall clock
+    marks: dict[str, float] = field(default_factory=dict)  # training-thread phase -> its end
+
+
+@dataclass
+class _Finished:
+    """What a training thread hands back: the encoded update and its cycle."""
+
+    body: bytes
+    cycle: _Cycle
+
+
 class WorkerService:
     """Polls its task queue on the service thread (which keeps the connection's heartbeats
     going) while training runs on a second thread; all broker calls stay on the service thread.
@@ -67,7 +85,10 @@ class WorkerService:
         self.worker_id = settings.worker_id
         self._models: dict[ModelSpec, nn.Module] = {}
         self._pending: Task | None = None
-        self._training: Future[bytes] | None = None
+        self._pending_cycle: _Cycle | None = None
+        self._training: Future[_Finished] | None = None
+        # When and at what wall-clock time the last update went out: the next wait starts there.
+        self._published: tuple[float, float] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.worker_id}")
         self._last_hello = -float("inf")
         self._stopping = False
@@ -102,7 +123,7 @@ class WorkerService:
     def close(self) -> None:
         """Wait for a training in progress and publish its update, then shut down."""
         if self._training is not None:
-            self._publish(self._training.result())
+            self._publish(self._training.result(), time.perf_counter())
             self._training = None
         self._executor.shutdown(wait=True)
 
@@ -113,20 +134,27 @@ class WorkerService:
 
     def step(self, timeout: float) -> None:
         """Take in tasks (keeping the newest), publish a finished update, start the next."""
+        if self._training is not None and not self._training.done():
+            # Wake when training ends rather than at the end of a poll: polling cost up to
+            # poll_interval_s (0.5 s) per task. Tasks that came meanwhile are taken below.
+            wait([self._training], timeout)
+            timeout = 0.0
         delivery = self.transport.receive(timeout)
         while delivery is not None:
             self._take(delivery)
             delivery = self.transport.receive(0)
         if self._training is not None and self._training.done():
             future, self._training = self._training, None
+            noticed = time.perf_counter()
             try:
-                self._publish(future.result())
+                self._publish(future.result(), noticed)
             except Exception:  # a failed task must not stop the worker
                 logger.exception("task failed")
                 self.metrics.tasks_failed.labels("training_error").inc()
         if self._training is None and self._pending is not None:
             task, self._pending = self._pending, None
-            self._training = self._executor.submit(self._run_task, task)
+            cycle, self._pending_cycle = self._pending_cycle, None
+            self._training = self._executor.submit(self._run_task, task, cycle)
         if (
             self._training is None
             and self.clock() - self._last_hello >= self.settings.hello_interval_s
@@ -138,6 +166,7 @@ class WorkerService:
     # ------------------------------------------------------------------ internals
 
     def _take(self, delivery: Delivery) -> None:
+        received = time.perf_counter()
         self.metrics.bytes_received.inc(len(delivery.body))
         try:
             message = decode_message(delivery.body)
@@ -164,6 +193,7 @@ class WorkerService:
             ):
                 return
         self._pending = message
+        self._pending_cycle = _Cycle(received, time.perf_counter(), message.issued_at)
 
     def _model_for(self, spec: ModelSpec) -> nn.Module:
         model = self._models.get(spec)
@@ -171,20 +201,26 @@ class WorkerService:
             model = self._models[spec] = build_model(spec).to(self.device)
         return model
 
-    def _run_task(self, task: Task) -> bytes:
+    def _run_task(self, task: Task, cycle: _Cycle | None = None) -> _Finished:
         """Train one task on the training thread and return the encoded update."""
         started = time.perf_counter()
+        if cycle is None:  # a task handed in directly, not taken from the queue
+            cycle = _Cycle(started, started, task.issued_at)
         model = self._model_for(task.model.model)
         load_numpy_state(model, task.model.tensors)
+        cycle.marks["load"] = time.perf_counter()
         num_samples, metrics = train(
             model, self.data.x, self.data.y, task.training, self._generator
         )
+        if self.settings.slowdown > 1:
+            # Emulated slowness (it stands for slower training), cut short by stop(): it must
+            # not delay a shutdown.
+            self._stopped.wait((self.settings.slowdown - 1) * (time.perf_counter() - started))
+        cycle.marks["train"] = time.perf_counter()
         trained = state_to_numpy(model)
         tensors = _delta(trained, task.model.tensors) if task.training.send == "delta" else trained
-        if self.settings.slowdown > 1:
-            # Emulated slowness, cut short by stop(): it must not delay a shutdown.
-            self._stopped.wait((self.settings.slowdown - 1) * (time.perf_counter() - started))
-        metrics["duration_s"] = time.perf_counter() - started
+        cycle.marks["extract"] = time.perf_counter()
+        metrics["duration_s"] = cycle.marks["extract"] - started
         self.metrics.training_duration.observe(metrics["duration_s"])
         self.metrics.samples_trained.inc(num_samples)
         self.metrics.last_loss.set(metrics["loss"])
@@ -201,14 +237,44 @@ class WorkerService:
             tensors=tensors,
             metrics=metrics,
         )
-        return encode_message(update)
+        body = encode_message(update)
+        cycle.marks["encode"] = time.perf_counter()
+        return _Finished(body, cycle)
 
-    def _publish(self, body: bytes) -> None:
+    def _publish(self, finished: _Finished, noticed: float) -> None:
+        body = finished.body
         self.transport.publish(self.transport.topology.updates, UPDATE_ROUTING_KEY, body)
+        published = time.perf_counter()
         self.updates_sent += 1
         self.metrics.tasks_completed.inc()
         self.metrics.bytes_sent.inc(len(body))
+        self._count_phases(finished.cycle, noticed, published)
+        self._published = (published, time.time())
         self._last_hello = self.clock()
+
+    def _count_phases(self, cycle: _Cycle, noticed: float, published: float) -> None:
+        """Add one cycle's phases: consecutive intervals, from the previous update's publishing
+        (or this task's arrival, for the first) to this update's."""
+        phases = self.metrics.phase_seconds
+        start = cycle.received
+        if self._published is not None:
+            last, last_wall = self._published
+            # A task that came while the last one trained waited for nothing.
+            start = max(cycle.received, last)
+            waited = start - last
+            # Split at the aggregator's clock: exact on one host, off by the clock skew
+            # between hosts otherwise (hence the clamping).
+            by_aggregator = min(max(cycle.issued_at - last_wall, 0.0), waited)
+            phases.labels("wait_aggregator").inc(by_aggregator)
+            phases.labels("wait_delivery").inc(waited - by_aggregator)
+        mark = max(start, cycle.decoded)
+        phases.labels("decode").inc(mark - start)
+        for phase in ("load", "train", "extract", "encode"):
+            end = cycle.marks.get(phase, mark)
+            phases.labels(phase).inc(max(0.0, end - mark))
+            mark = max(mark, end)
+        phases.labels("handoff").inc(max(0.0, noticed - mark))
+        phases.labels("publish").inc(published - max(mark, noticed))
 
     def _hello(self) -> None:
         hello = Hello(self.worker_id, self.data.num_samples, str(self.device))

@@ -59,6 +59,7 @@ WORKER_METRICS = {
     "fedq_worker_sent_bytes_total": "counter",
     "fedq_worker_received_bytes_total": "counter",
     "fedq_worker_device_info": "gauge",
+    "fedq_worker_phase_seconds_total": "counter",
 }
 
 
