@@ -129,13 +129,17 @@ def centralised_summary(c: dict[str, Any], target: float) -> dict[str, Any]:
     }
 
 
+class RunFailed(Exception):
+    """A `fedq run` that exited non-zero (its own error is on stderr)."""
+
+
 def federated(out: Path, *flags: str) -> dict[str, Any]:
-    """Run `fedq run` quietly and return its summary."""
+    """Run `fedq run` quietly and return its summary; RunFailed when it fails."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = fedq(["run", "--out", str(out), "--quiet", *flags])
     if code != 0:
-        raise SystemExit(f"fedq run failed: {buf.getvalue()}")
+        raise RunFailed(f"fedq run failed (exit {code}) in {out}: {buf.getvalue().strip()}")
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
     return summary
 
@@ -222,8 +226,7 @@ def run_cell(
     flags += ["--seed", str(args.seed), *strategy_flags(strategy, args)]
     if entry != "none":
         flags += ["--slowdown", entry]
-    s = federated(run_dir, *flags)
-    return {
+    record: dict[str, Any] = {
         "partition": partition,
         "slowdown": entry,
         "strategy": strategy,
@@ -231,6 +234,13 @@ def run_cell(
         "run_dir": str(run_dir),
         # The broker URL may hold a password: results.json keeps only its scheme.
         "flags": [f if f != args.broker else args.broker.split(":")[0] for f in flags],
+    }
+    try:
+        s = federated(run_dir, *flags)
+    except RunFailed as e:
+        # One broken run should not cost the rest of a long matrix.
+        return record | {"error": str(e), "time_to_target_s": None, "wall_time_s": None}
+    return record | {
         "reached_target": s["reached_target"],
         "time_to_target_s": s["time_to_target_s"],
         "final_accuracy": s["final_accuracy"],
@@ -266,6 +276,8 @@ def run_matrix(args: argparse.Namespace, base: Path) -> list[str]:
                 results["runs"].append(record)
                 write_results(base, results)
                 print(row(f"{strategy}, {args.workers} workers", record), flush=True)
+                if "error" in record:
+                    print(f"  ({strategy} failed: {record['error']})", flush=True)
     results["ratios"] = matrix_ratios(results, partitions, entries)
     write_results(base, results)
     if not args.no_plots:
@@ -323,6 +335,15 @@ def ratio(
     """
     if slow is None or fast is None:
         return None
+    if failed := [r["label"] for r in (slow, fast) if r.get("error")]:
+        return {
+            "name": name,
+            "value": None,
+            "lower_bound": False,
+            "goal": goal,
+            "met": None,
+            "text": f"{name} = n/a ({' and '.join(failed)} failed)",
+        }
     value, bound = None, False
     if fast["time_to_target_s"] is not None:
         if slow["time_to_target_s"] is not None:
@@ -611,7 +632,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             ratios += run_matrix(args, base)
         elif scenario in SCENARIOS:
             print(f"\n## {scenario}\n{HEADER}", flush=True)
-            ratios += SCENARIOS[scenario](args, base, common)
+            try:
+                ratios += SCENARIOS[scenario](args, base, common)
+            except RunFailed as e:
+                raise SystemExit(str(e)) from e
         else:
             raise SystemExit(f"unknown scenario {scenario!r}")
     print("\n## ratios")
