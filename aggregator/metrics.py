@@ -46,6 +46,17 @@ class AggregatorMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
+        self.evaluation_duration = Histogram(
+            "fedq_aggregator_evaluation_duration_seconds",
+            "Time to evaluate one version on the held-out data (on the evaluation thread).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.evaluations_skipped = Counter(
+            "fedq_aggregator_evaluations_skipped",
+            "Versions left unevaluated because a newer one was waiting for the evaluator.",
+            registry=registry,
+        )
         self.model_version = Gauge(
             "fedq_aggregator_model_version", "Current global model version.", registry=registry
         )

@@ -58,6 +58,15 @@ class RunDirectory:
         ]
         write_atomic(path, "".join(kept).encode())
 
+    def last_history_version(self) -> int | None:
+        """The version of the last whole line of history.jsonl, or None if there is none."""
+        path = self.path / "history.jsonl"
+        if not path.exists():
+            return None
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
+        whole = [line for line in lines if line.endswith("\n")]
+        return int(json.loads(whole[-1])["version"]) if whole else None
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write summary.json atomically."""
         write_atomic(self.path / "summary.json", json.dumps(summary, indent=2).encode() + b"\n")

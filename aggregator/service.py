@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.checkpoint import CheckpointStore
-from aggregator.evaluation import Evaluator
+from aggregator.evaluation import BackgroundEvaluator, Evaluation, Evaluator
 from aggregator.metrics import AggregatorMetrics
 from aggregator.output import RunDirectory
 from aggregator.settings import AggregatorSettings
@@ -34,7 +34,7 @@ class _Running:
     job: Job
     delivery: Delivery
     state: JobState
-    evaluator: Evaluator
+    evaluator: BackgroundEvaluator
     output: RunDirectory
     checkpoints: CheckpointStore
     # Accepted updates are acked only once a checkpoint that includes them is on disk.
@@ -42,6 +42,10 @@ class _Running:
     unacked_since: float = 0.0
     # Tasks go out once strategy.min_workers workers are alive.
     dispatching: bool = False
+    # History lines wait here, in version order, while their version is being evaluated.
+    unwritten: deque[dict[str, Any]] = field(default_factory=deque)
+    awaiting: set[int] = field(default_factory=set)
+    last_evaluated: int | None = None
     best_accuracy: float = 0.0
     last_accuracy: float | None = None
     last_loss: float | None = None
@@ -114,9 +118,14 @@ class AggregatorService:
         return delivery is not None
 
     def run_until_idle(self, idle_s: float = 0.2) -> None:
-        """Process messages until none arrives for idle_s (tests)."""
-        while self.step(idle_s):
-            pass
+        """Process messages until none arrives for idle_s and no evaluation is pending (tests)."""
+        while True:
+            while self.step(idle_s):
+                pass
+            running = self._job
+            if running is None or not running.awaiting:
+                return
+            self._apply_evaluations(running, running.evaluator.wait())
 
     def _note_progress(self) -> None:
         """Tell the health check the loop went round; refresh the status and workers gauge."""
@@ -267,6 +276,7 @@ class AggregatorService:
                     self.jobs_done += 1
                     self.transport.reject(delivery, "bad_job", f"{type(e).__name__}: {e}")
             return
+        self._apply_evaluations(running, running.evaluator.poll())
         now = self.clock()
         if running.unacked and (
             len(running.unacked) >= self.settings.checkpoint_every_updates
@@ -301,8 +311,10 @@ class AggregatorService:
             self.transport.ack(delivery)
             return
         initial = state_to_numpy(build_model(spec.model, seed=spec.seed))
-        evaluator = Evaluator(
-            spec.model, spec.dataset, self.settings.eval_batch_size, self.settings.eval_device
+        evaluator = BackgroundEvaluator(
+            Evaluator(
+                spec.model, spec.dataset, self.settings.eval_batch_size, self.settings.eval_device
+            )
         )
         # The job's clock starts once its set-up is done, as a centralised run's would.
         state = JobState(job, initial, self.clock(), self.settings.worker_timeout_s)
@@ -318,6 +330,11 @@ class AggregatorService:
             state.restore(snap, self.clock())
             _restore_figures(running, figures)
             running.output.truncate_history(state.version)
+            # Versions the checkpoint covers whose lines were still waiting for an evaluation.
+            written = running.output.last_history_version()
+            for record in figures.get("unwritten_history", []):
+                if written is None or record["version"] > written:
+                    running.output.append_history(record)
             logger.info("job %s resumed at version %d", job.job_id, state.version)
         else:
             logger.info(
@@ -374,6 +391,8 @@ class AggregatorService:
             "time_to_target_s": running.time_to_target_s,
             "bytes_received": running.bytes_received,
             "bytes_sent": running.bytes_sent,
+            "unwritten_history": list(running.unwritten),
+            "last_evaluated": running.last_evaluated,
         }
         snap = running.state.snapshot(self.clock())
         running.checkpoints.save(running.job.job_id, snap, figures)
@@ -390,37 +409,24 @@ class AggregatorService:
             self._dispatch(running)
 
     def _record_version(self, running: _Running) -> None:
+        """Write the new version's history line, once its evaluation (if any) is in.
+
+        The version exists from here: evaluating it is not part of producing it, so it is
+        evaluated in the background while updates keep coming and tasks go out.
+        """
         state = running.state
         record = state.history[-1] if state.history else None
-        every = running.job.spec.eval_every
-        # The version exists from here; evaluating it is not part of producing it.
         time_s = self.clock() - state.started_at
-        accuracy: float | None = None
-        loss: float | None = None
-        if state.version % every == 0 or self._stop_reason(running) is not None:
-            accuracy, loss = running.evaluator.evaluate(state.model)
-            running.last_accuracy, running.last_loss = accuracy, loss
-            running.best_accuracy = max(running.best_accuracy, accuracy)
-            self.metrics.eval_accuracy.set(accuracy)
-            self.metrics.eval_loss.set(loss)
-        target = running.job.spec.stop.target_accuracy
-        if (
-            running.time_to_target_s is None
-            and target is not None
-            and accuracy is not None
-            and accuracy >= target
-        ):
-            running.time_to_target_s = time_s
         self.metrics.model_version.set(state.version)
         self.metrics.round.set(state.round or 0)
         self.metrics.last_model_timestamp.set(time.time())
-        running.output.append_history(
+        running.unwritten.append(
             {
                 "version": state.version,
                 "round": record.round if record else state.round,
                 "time_s": round(time_s, 4),
-                "accuracy": accuracy,
-                "loss": loss,
+                "accuracy": None,
+                "loss": None,
                 "train_loss": record.train_loss if record else None,
                 "updates": len(record.update_ids) if record else 0,
                 "update_ids": record.update_ids if record else [],
@@ -431,12 +437,52 @@ class AggregatorService:
                 "updates_rejected": sum(state.rejected.values()),
             }
         )
-        logger.info(
-            "version %d: accuracy %s, %d updates folded",
-            state.version,
-            "n/a" if accuracy is None else f"{accuracy:.4f}",
-            len(record.update_ids) if record else 0,
-        )
+        final = self._stop_reason(running) is not None
+        if state.version % running.job.spec.eval_every == 0 or final:
+            skipped = running.evaluator.submit(state.version, state.model)
+            if skipped is not None:
+                running.awaiting.discard(skipped)
+                self.metrics.evaluations_skipped.inc()
+            running.awaiting.add(state.version)
+        self._write_history(running)
+
+    def _apply_evaluations(self, running: _Running, evaluations: list[Evaluation]) -> None:
+        """Take finished evaluations into the figures, the metrics and the waiting lines."""
+        for evaluation in evaluations:
+            version = evaluation.version
+            running.awaiting.discard(version)
+            self.metrics.evaluation_duration.observe(evaluation.seconds)
+            if evaluation.accuracy is None or evaluation.loss is None:
+                continue
+            accuracy, loss = evaluation.accuracy, evaluation.loss
+            running.last_evaluated = version
+            running.last_accuracy, running.last_loss = accuracy, loss
+            running.best_accuracy = max(running.best_accuracy, accuracy)
+            self.metrics.eval_accuracy.set(accuracy)
+            self.metrics.eval_loss.set(loss)
+            target = running.job.spec.stop.target_accuracy
+            for record in running.unwritten:
+                if record["version"] != version:
+                    continue
+                record["accuracy"], record["loss"] = accuracy, loss
+                # The time of the version, not of its evaluation, which came later.
+                reached = target is not None and accuracy >= target
+                if reached and running.time_to_target_s is None:
+                    running.time_to_target_s = record["time_s"]
+        self._write_history(running)
+
+    def _write_history(self, running: _Running) -> None:
+        """Append the waiting lines, in version order, up to the first still being evaluated."""
+        while running.unwritten and running.unwritten[0]["version"] not in running.awaiting:
+            record = running.unwritten.popleft()
+            running.output.append_history(record)
+            accuracy = record["accuracy"]
+            logger.info(
+                "version %d: accuracy %s, %d updates folded",
+                record["version"],
+                "n/a" if accuracy is None else f"{accuracy:.4f}",
+                record["updates"],
+            )
 
     def _stop_reason(self, running: _Running) -> str | None:
         stop = running.job.spec.stop
@@ -455,8 +501,13 @@ class AggregatorService:
     def _finish(self, running: _Running) -> None:
         state, spec = running.state, running.job.spec
         reason = self._stop_reason(running) or "stopped"
-        if running.last_accuracy is None or (state.history and state.version % spec.eval_every):
-            running.last_accuracy, running.last_loss = running.evaluator.evaluate(state.model)
+        self._apply_evaluations(running, running.evaluator.wait())
+        if running.last_evaluated != state.version:
+            # The final model is always scored, whatever eval_every skipped.
+            running.awaiting.add(state.version)
+            final = running.evaluator.evaluate_now(state.version, state.model)
+            self._apply_evaluations(running, [final])
+        running.evaluator.close()
         running.output.write_model(
             state.model,
             {"job_id": running.job.job_id, "version": str(state.version), "model": spec.model.name},
@@ -480,11 +531,11 @@ class AggregatorService:
         self.metrics.job_running.set(0)
         self.metrics.jobs_completed.inc()
         logger.info(
-            "job %s finished (%s): version %d, accuracy %.4f",
+            "job %s finished (%s): version %d, accuracy %s",
             running.job.job_id,
             reason,
             state.version,
-            running.last_accuracy,
+            "n/a" if running.last_accuracy is None else f"{running.last_accuracy:.4f}",
         )
 
     def _summary(self, running: _Running, reason: str) -> dict[str, Any]:
@@ -538,6 +589,7 @@ def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
     running.time_to_target_s = figures["time_to_target_s"]
     running.bytes_received = int(figures["bytes_received"])
     running.bytes_sent = int(figures["bytes_sent"])
+    running.last_evaluated = figures.get("last_evaluated")
 
 
 def _read_lines(path: Path) -> set[str]:
