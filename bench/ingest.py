@@ -1,0 +1,335 @@
+"""Aggregator ingest against a bare pika consumer, and FedAvg arithmetic against Flower's.
+
+    .venv/bin/python bench/ingest.py [--updates 100] [--repeat 2] [--broker amqp://...]
+    .venv/bin/pip install -e '.[bench]'     # Flower, for the aggregation comparison
+
+Part 1, ingest through RabbitMQ. N updates of the FedAvg CNN (1,663,370 parameters, 6.7 MB each,
+one per worker id) are published once to the updates exchange, which routes every message to two
+queues of the same kind (quorum, single active consumer): the aggregator's updates queue and a
+second one for the bare consumer. Then, in the same process and one after the other:
+- the bare consumer: pika's BlockingConnection, prefetch 64 (the aggregator's), basic_consume,
+  each delivery acked as it arrives: what reading the queue costs and nothing else;
+- the aggregator: the real AggregatorService over the real RabbitMQTransport, already running a
+  FedAvg job whose round closes at N updates (min_updates N, max_versions 1). The clock runs
+  from subscribing to the updates queue until every update is decoded, validated, folded,
+  included in a checkpoint on disk (the round's new version, and every 32 updates before it)
+  and acked. The new version's evaluation on the 1,000 held-out digits runs on the aggregator's
+  evaluation thread and is not waited for, as in production.
+The order of the two alternates between repeats. Prints updates/s and MB/s of each, and the ratio
+aggregator / bare consumer (target >= 0.85).
+
+Part 2, the aggregation step alone, in memory, on the same N updates: fedq's streaming weighted
+sum (aggregator.aggregation.fedavg) against Flower's `flwr.server.strategy.aggregate.aggregate`
+over the same (arrays, num_examples) pairs; the results are checked equal. Target: fedq >= 10x.
+
+Everything runs under a fresh topology prefix (fedq-ingest-<hex>) that is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pika
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aggregator.aggregation import fedavg
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from broker.rabbitmq import DEFAULT_PREFETCH, RabbitMQTransport
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
+from broker.transport import Delivery
+from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
+from shared.messages import Job, Update, encode_message
+from shared.models import build_model, state_to_numpy
+
+DEFAULT_BROKER = os.environ.get("FEDQ_BENCH_BROKER", "amqp://guest:guest@localhost:5672/")
+CNN = ModelSpec("cnn", (1, 28, 28), 10)
+
+
+def make_updates(job_id: str, count: int, seed: int = 0) -> list[Update]:
+    """`count` FedAvg updates of the CNN: the initial weights plus small noise, one per worker."""
+    base = state_to_numpy(build_model(CNN, seed=seed))
+    rng = np.random.default_rng(seed)
+    updates = []
+    for i in range(count):
+        tensors = {
+            name: (a + rng.normal(0, 0.01, a.shape).astype(a.dtype)) if a.dtype.kind == "f" else a
+            for name, a in base.items()
+        }
+        updates.append(
+            Update(
+                job_id=job_id,
+                update_id=uuid.uuid4().hex,
+                worker_id=f"w{i:04d}",
+                task_id=uuid.uuid4().hex,
+                base_version=0,
+                round=0,
+                kind="weights",
+                num_samples=int(rng.integers(50, 150)),
+                metrics={"loss": 0.5},
+                sent_at=time.time(),
+                tensors=tensors,
+            )
+        )
+    return updates
+
+
+def job_of(job_id: str, count: int) -> Job:
+    """A FedAvg job on the CNN whose single round closes once `count` updates are in."""
+    spec = JobSpec(
+        name="ingest",
+        model=CNN,
+        dataset="mnist5k",
+        strategy=StrategyConfig(name="fedavg", min_updates=count, round_deadline_s=3600.0),
+        stop=StopConfig(max_versions=1),
+    )
+    return Job(job_id=job_id, spec=spec, submitted_at=time.time())
+
+
+class Bench:
+    """One topology with the aggregator's updates queue and a twin queue for the bare consumer."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.topology = Topology(f"fedq-ingest-{uuid.uuid4().hex[:8]}")
+        self.bare_queue = f"{self.topology.prefix}.bare"
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+
+    def declare(self) -> None:
+        """The shared topology (as the aggregator declares it) and the bare consumer's twin."""
+        t = RabbitMQTransport(self.url, self.topology)
+        t.declare()
+        t.close()
+        self.channel.queue_declare(
+            self.bare_queue, durable=True, arguments=self.topology.updates_queue_arguments()
+        )
+        self.channel.queue_bind(self.bare_queue, self.topology.updates, UPDATE_ROUTING_KEY)
+
+    def publish_job(self, job: Job) -> None:
+        """Submit the job as `fedq submit` does."""
+        self.channel.basic_publish(
+            self.topology.jobs,
+            JOB_ROUTING_KEY,
+            encode_message(job),
+            pika.BasicProperties(delivery_mode=2),
+        )
+
+    def fill(self, bodies: list[bytes]) -> None:
+        """Publish every body once; the exchange routes each to both queues."""
+        for body in bodies:
+            self.channel.basic_publish(
+                self.topology.updates,
+                UPDATE_ROUTING_KEY,
+                body,
+                pika.BasicProperties(delivery_mode=2),
+                mandatory=True,
+            )
+
+    def depth(self, queue: str) -> int:
+        """Messages ready in a queue."""
+        frame = self.channel.queue_declare(queue, passive=True)
+        return int(frame.method.message_count)
+
+    def wait_depth(self, queue: str, count: int, timeout: float = 60.0) -> None:
+        """Wait until a queue holds `count` ready messages (quorum queues apply asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while self.depth(queue) < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{queue} holds {self.depth(queue)} of {count} messages")
+            time.sleep(0.1)
+
+    def drain_bare(self, count: int) -> float:
+        """Consume and ack `count` messages from the twin queue; return the seconds it took."""
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=DEFAULT_PREFETCH)
+        started = time.perf_counter()
+        deliveries = channel.consume(self.bare_queue)
+        for received, (method, _properties, _body) in enumerate(deliveries, start=1):
+            channel.basic_ack(method.delivery_tag)
+            if received == count:
+                break
+        elapsed = time.perf_counter() - started
+        channel.cancel()
+        connection.close()
+        return elapsed
+
+    def drain_aggregator(self, job: Job, count: int, state_dir: Path) -> tuple[float, float]:
+        """Start the job on a real AggregatorService, then time it taking in `count` updates.
+
+        Returns (seconds to ingest and ack them all, final accuracy of the version they made).
+        """
+        settings = AggregatorSettings(
+            broker=self.url, state_dir=str(state_dir), prefix=self.topology.prefix
+        )
+        transport = RabbitMQTransport(self.url, self.topology)
+        service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
+        try:
+            transport.declare()
+            transport.subscribe(self.topology.jobs)
+            deadline = time.monotonic() + 60
+            while service._job is None:  # the job's set-up (model, evaluator) is not timed
+                service.step(0.1)
+                if time.monotonic() > deadline:
+                    raise SystemExit("the aggregator did not start the job")
+            acked: list[float] = []
+            settle = transport.ack
+
+            def ack(delivery: Delivery) -> None:
+                settle(delivery)
+                if delivery.queue == self.topology.updates:
+                    acked.append(time.perf_counter())
+
+            transport.ack = ack  # type: ignore[method-assign]
+            started = time.perf_counter()
+            transport.subscribe(self.topology.updates)
+            while service.jobs_done == 0:
+                service.step(0.5)
+                if time.perf_counter() - started > 600:
+                    raise SystemExit("the aggregator did not finish the round in 600 s")
+            if len(acked) != count:
+                raise SystemExit(f"the aggregator acked {len(acked)} of {count} updates")
+            elapsed = acked[-1] - started
+            summary = (state_dir / "jobs" / job.job_id / "summary.json").read_text()
+            accepted = _json_field(summary, "updates_accepted")
+            if accepted != count:
+                raise SystemExit(f"the aggregator accepted {accepted} of {count} updates")
+            return elapsed, float(_json_field(summary, "final_accuracy"))
+        finally:
+            transport.close()
+
+    def teardown(self) -> None:
+        """Delete the bench's queues and exchanges."""
+        self.channel.queue_delete(self.bare_queue)
+        t = RabbitMQTransport(self.url, self.topology)
+        t.teardown([])
+        t.close()
+        self.connection.close()
+
+
+def _json_field(text: str, key: str) -> Any:
+    import json
+
+    return json.loads(text)[key]
+
+
+def ingest(url: str, count: int, repeat: int) -> list[tuple[float, float, int]]:
+    """Run part 1 `repeat` times; return (bare s, aggregator s, bytes per update) per repeat."""
+    results = []
+    for i in range(repeat):
+        bench = Bench(url)
+        try:
+            bench.declare()
+            job = job_of(f"ingest-{uuid.uuid4().hex[:8]}", count)
+            bodies = [encode_message(u) for u in make_updates(job.job_id, count, seed=i)]
+            bench.publish_job(job)
+            bench.fill(bodies)
+            bench.wait_depth(bench.bare_queue, count)
+            bench.wait_depth(bench.topology.updates, count)
+            gc.collect()
+            with tempfile.TemporaryDirectory(prefix="fedq-ingest-") as state_dir:
+                if i % 2 == 0:
+                    bare_s = bench.drain_bare(count)
+                    agg_s, accuracy = bench.drain_aggregator(job, count, Path(state_dir))
+                else:
+                    agg_s, accuracy = bench.drain_aggregator(job, count, Path(state_dir))
+                    bare_s = bench.drain_bare(count)
+            size = len(bodies[0])
+            print(
+                f"| {i + 1} | {'bare first' if i % 2 == 0 else 'aggregator first'} "
+                f"| {count / bare_s:8.1f} | {count * size / bare_s / 1e6:7.0f} "
+                f"| {count / agg_s:8.1f} | {count * size / agg_s / 1e6:7.0f} "
+                f"| {bare_s / agg_s:5.2f} | {100 * accuracy:5.1f} |",
+                flush=True,
+            )
+            results.append((bare_s, agg_s, size))
+        finally:
+            bench.teardown()
+    return results
+
+
+def aggregation(count: int, repeat: int) -> tuple[float, float] | None:
+    """Part 2: seconds per FedAvg of `count` updates, fedq against Flower (None without flwr)."""
+    try:
+        from flwr.server.strategy.aggregate import aggregate as flower_aggregate
+    except ImportError:
+        print("flwr is not installed: `pip install -e '.[bench]'` for the Flower comparison")
+        return None
+    updates = make_updates("agg", count)
+    reference = updates[0].tensors
+    ours = [(u.tensors, float(u.num_samples)) for u in updates]
+    theirs = [(list(u.tensors.values()), u.num_samples) for u in updates]
+    fedq_s, flower_s = [], []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        mine = fedavg(ours, reference)
+        fedq_s.append(time.perf_counter() - t0)
+        gc.collect()
+        t0 = time.perf_counter()
+        flower = flower_aggregate(theirs)
+        flower_s.append(time.perf_counter() - t0)
+    for (name, a), b in zip(mine.items(), flower, strict=True):
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-6):
+            raise SystemExit(f"fedq and Flower disagree on {name}")
+    return float(np.median(fedq_s)), float(np.median(flower_s))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--updates", type=int, default=100, help="updates per drain")
+    p.add_argument("--repeat", type=int, default=2, help="drains of each consumer")
+    p.add_argument("--broker", default=DEFAULT_BROKER)
+    p.add_argument("--skip-ingest", action="store_true", help="only the aggregation step")
+    p.add_argument("--skip-aggregation", action="store_true", help="only the ingest")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ratios = []
+    if not args.skip_ingest:
+        print("\n## ingest: FedAvg CNN updates drained from a pre-filled RabbitMQ queue")
+        print(
+            "| repeat | order | bare upd/s | bare MB/s | aggregator upd/s | aggregator MB/s "
+            "| ratio | accuracy % |\n|---|---|---|---|---|---|---|---|",
+            flush=True,
+        )
+        runs = ingest(args.broker, args.updates, args.repeat)
+        bare = sum(b for b, _, _ in runs)
+        agg = sum(a for _, a, _ in runs)
+        ratios.append(
+            f"ingest: aggregator / bare consumer = {bare / agg:.2f} "
+            f"({args.updates * len(runs) / agg:.1f} against {args.updates * len(runs) / bare:.1f}"
+            f" updates/s; target >= 0.85)"
+        )
+    timed = None
+    if not args.skip_aggregation:
+        print(f"\n## aggregation alone: FedAvg of {args.updates} CNN updates in memory")
+        timed = aggregation(args.updates, max(3, args.repeat))
+    if timed is not None:
+        ours, theirs = timed
+        mb = args.updates * 1_663_370 * 4 / 1e6
+        print("| implementation | seconds | updates/s | GB/s |\n|---|---|---|---|")
+        for name, s in (("fedq fedavg (streaming)", ours), ("Flower aggregate()", theirs)):
+            print(f"| {name} | {s:.3f} | {args.updates / s:8.0f} | {mb / s / 1e3:5.2f} |")
+        ratios.append(f"aggregation: fedq / Flower speed = {theirs / ours:.1f}x (target >= 10)")
+    print("\n## ratios")
+    for line in ratios:
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    main()
