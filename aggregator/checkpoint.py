@@ -51,7 +51,8 @@ def decode_checkpoint(data: bytes) -> tuple[str, dict[str, Any], dict[str, Any]]
     try:
         decoded = msgpack.unpackb(body, raw=False)
         state = decoded["state"]
-        for key in _TENSOR_KEYS:
+        # The model is always there; an empty buffer is left out of the snapshot.
+        for key in [key for key in _TENSOR_KEYS if key == "model" or key in state]:
             state[key] = {n: a.copy() for n, a in decode_tensors(state[key]).items()}
         return str(decoded["job_id"]), state, dict(decoded["service"])
     except (ValueError, KeyError, TypeError, ProtocolError) as e:

@@ -331,12 +331,11 @@ class JobState:
         before a crash is re-issued when its worker next says it is idle.
         """
         p = self._pending
-        return {
+        snap: dict[str, Any] = {
             "version": self.version,
             "round": self.round,
             "elapsed_s": now - self.started_at,
             "model": self.model,
-            "buffer": dict(self._buffer.sums),
             "buffer_weight": self._buffer.total_weight,
             "buffer_norm": self._buffer.norm,
             "buffer_count": self._buffer.count,
@@ -350,6 +349,10 @@ class JobState:
             "mean_samples": self._mean_samples,
             "accepted_norms": list(self._accepted_norms),
         }
+        if self._buffer.count:
+            # An empty buffer is all zeros: leaving it out halves a version's checkpoint.
+            snap["buffer"] = dict(self._buffer.sums)
+        return snap
 
     def restore(self, snap: dict[str, Any], now: float) -> None:
         """Take the state of a snapshot made by snapshot() (already validated by the reader)."""
@@ -359,7 +362,8 @@ class JobState:
         self.started_at = now - float(snap["elapsed_s"])
         self.model = {name: np.array(a) for name, a in snap["model"].items()}
         self._buffer = WeightedSum(self.model)
-        self._buffer.sums = {name: np.array(a) for name, a in snap["buffer"].items()}
+        if "buffer" in snap:
+            self._buffer.sums = {name: np.array(a) for name, a in snap["buffer"].items()}
         self._buffer.total_weight = float(snap["buffer_weight"])
         self._buffer.norm = float(snap["buffer_norm"])
         self._buffer.count = int(snap["buffer_count"])

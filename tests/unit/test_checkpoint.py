@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,29 @@ def test_a_restored_state_folds_the_next_update_into_the_same_model_as_the_origi
 
     assert restored.version == original.version == 2
     assert restored.model["w"].tobytes() == original.model["w"].tobytes()
+
+
+def test_a_checkpoint_at_a_version_leaves_the_empty_buffer_out_and_restores_it_empty() -> None:
+    at_version = _state(version_updates=2)  # u0, u1 made version 1; the buffer is empty again
+    with_buffer = _state(version_updates=3)
+
+    _, snap, _ = decode_checkpoint(encode_checkpoint("job1", at_version.snapshot(0), {}))
+    restored = _state(version_updates=1)  # a buffer holding u0, which the restore must drop
+    restored.restore(snap, now=0.0)
+
+    assert "buffer" not in snap and "buffer" in with_buffer.snapshot(0)
+    assert len(encode_checkpoint("job1", at_version.snapshot(0), {})) < len(
+        encode_checkpoint("job1", with_buffer.snapshot(0), {})
+    )
+    assert restored.pending_update_ids == []
+    last = Update("job1", "u9", "b", "t", 1, None, "delta", 10,
+                  {"w": np.full(3, 7, np.float32), "steps": np.array(9, np.int64)})  # fmt: skip
+    at_version.offer(last, now=1.0)
+    restored.offer(last, now=1.0)
+    at_version.offer(replace(last, update_id="u10"), now=1.0)
+    restored.offer(replace(last, update_id="u10"), now=1.0)
+    assert restored.version == at_version.version == 2
+    assert restored.model["w"].tobytes() == at_version.model["w"].tobytes()
 
 
 @pytest.mark.parametrize(
