@@ -161,7 +161,7 @@ def encode_message(message: Message) -> bytes:
     _pack_into(
         {"protocol": PROTOCOL_VERSION, "type": kind} | body,
         parts,
-        msgpack.Packer(use_bin_type=True),
+        msgpack.Packer(use_bin_type=True, buf_size=4096),
     )
     return b"".join(parts)
 
@@ -183,7 +183,7 @@ def _pack_into(obj: Any, parts: list[bytes | memoryview], packer: msgpack.Packer
     of their own whose header is then dropped, since msgpack packs items independently.
     """
     if isinstance(obj, _BYTES_LIKE):
-        data = memoryview(obj)
+        data = obj if type(obj) is memoryview else memoryview(obj)
         parts += (_bin_header(data.nbytes), data)
     elif type(obj) is dict:
         parts.append(_container_header(len(obj), 0x80, 0xDE))

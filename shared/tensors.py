@@ -39,12 +39,12 @@ def wire_dtype_name(dtype: np.dtype[Any]) -> str:
 
 def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
     """Return the wire entry of one array: its bytes little-endian and C-ordered."""
-    wire = WIRE_DTYPES[wire_dtype_name(array.dtype)]
+    dtype_name = wire_dtype_name(array.dtype)
     # Not np.ascontiguousarray: it turns a 0-d scalar into shape (1,).
-    contiguous = np.asarray(array, dtype=wire, order="C")
+    contiguous = np.asarray(array, dtype=WIRE_DTYPES[dtype_name], order="C")
     return {
         "name": name,
-        "dtype": wire_dtype_name(wire),
+        "dtype": dtype_name,
         "shape": list(contiguous.shape),
         # A memoryview avoids one model-sized copy; msgpack packs it as bin.
         "data": memoryview(contiguous.data).cast("B") if contiguous.size else b"",
