@@ -1,11 +1,13 @@
 """Codec throughput: fedq's msgpack codec against pickle and np.save on the same tensors.
 
-    python bench/codec.py               # both models, median of 5
-    python bench/codec.py --repeat 9    # more repeats for a steadier median
+    python bench/codec.py                            # both models, median of 5 rounds
+    python bench/codec.py --models cnn --repeat 21   # a steadier CNN figure on a busy machine
 
 Prints a table (model, codec, encode GB/s, decode GB/s, wire MB) and ends with the ratios the
 project's targets are stated in: decode fedq / np.load >= 1 and encode fedq / pickle >= 0.8.
-GB/s is model bytes (the sum of the arrays' nbytes) over seconds; 1 GB = 1e9 bytes.
+GB/s is model bytes (the sum of the arrays' nbytes) over seconds; 1 GB = 1e9 bytes. Encoding the
+CNN takes about a millisecond and is bound by one copy into a fresh buffer, as pickle's is, so on
+a shared machine its encode ratio moves by +-0.2 from run to run; more rounds steady it.
 """
 
 from __future__ import annotations
