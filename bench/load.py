@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/load.py --workers 50 --seconds 60 [--strategy fedbuff|fedasync]
         [--broker amqp://guest:guest@localhost:5672/] [--think-ms 50,200] [--procs 2]
+        [--model mlp|cnn]
 
 The aggregator is the real service (`python -m aggregator`, its own process) on a job with a
-small model (the 2NN on 8x8 digits, 55,210 parameters). The workers do not train: each is a
+small model (--model mlp: the 2NN on 8x8 digits, 55,210 parameters) or the FedAvg CNN
+(--model cnn: on mnist5k, 1.66M parameters, 6.7 MB an update). The workers do not train: each is a
 thread with its own RabbitMQTransport that says hello, takes tasks and answers each one, after a
 think time, with an update of the right kind (small random deltas, or the task's weights plus
 noise). They stop publishing after --seconds; the job stops at the same wall-clock limit.
@@ -53,6 +55,29 @@ from shared.messages import Hello, Job, Task, Update, decode_message, encode_mes
 DEFAULT_BROKER = os.environ.get("FEDQ_BENCH_BROKER", "amqp://guest:guest@localhost:5672/")
 HELLO_INTERVAL_S = 5.0
 NOISE_POOL = 4
+# The job's model and evaluation data, by --model.
+MODELS = {
+    "mlp": (ModelSpec("mlp", (1, 8, 8), 10), "digits"),
+    "cnn": (ModelSpec("cnn", (1, 28, 28), 10), "mnist5k"),
+}
+# One noise pool per process, shared by its worker threads: per worker, a pool of the CNN
+# would take 27 MB, 2.7 GB for 100 workers, and the machine is the harness's, not the bench's.
+_noise: list[dict[str, np.ndarray]] = []
+_noise_lock = threading.Lock()
+
+
+def noise_pool(tensors: dict[str, np.ndarray], rng: np.random.Generator) -> list[dict[str, Any]]:
+    """This process's NOISE_POOL sets of small random tensors shaped like `tensors`."""
+    with _noise_lock:
+        if not _noise:
+            _noise.extend(
+                {
+                    name: (rng.standard_normal(a.shape) * 0.01).astype(a.dtype)
+                    for name, a in tensors.items()
+                }
+                for _ in range(NOISE_POOL)
+            )
+        return _noise
 
 
 # ---------------------------------------------------------------- lightweight workers
@@ -80,7 +105,6 @@ class LoadWorker:
         self.stop_at = stop_at  # a shared double: 0 until the load window is set
         self.result = WorkerResult(worker_id)
         self.rng = np.random.default_rng(zlib.crc32(worker_id.encode()))
-        self.noise: list[dict[str, np.ndarray]] = []
         self.task: Task | None = None
         self.due = 0.0
         self.last_hello = 0.0
@@ -144,15 +168,8 @@ class LoadWorker:
         self.task = message
 
     def _tensors(self, task: Task) -> dict[str, np.ndarray]:
-        if not self.noise:
-            self.noise = [
-                {
-                    name: (self.rng.standard_normal(a.shape) * 0.01).astype(a.dtype)
-                    for name, a in task.model.tensors.items()
-                }
-                for _ in range(NOISE_POOL)
-            ]
-        noise = self.noise[int(self.rng.integers(NOISE_POOL))]
+        pool = noise_pool(task.model.tensors, self.rng)
+        noise = pool[int(self.rng.integers(NOISE_POOL))]
         if task.training.send == "delta":
             return noise
         return {name: a + noise[name] for name, a in task.model.tensors.items()}
@@ -506,11 +523,12 @@ def free_port() -> int:
 
 
 def job_spec(args: argparse.Namespace) -> JobSpec:
-    """The load job: a small model, the chosen asynchronous strategy, a wall-clock stop."""
+    """The load job: the chosen model, asynchronous strategy, a wall-clock stop."""
+    model, dataset = MODELS[args.model]
     return JobSpec(
         name="load",
-        model=ModelSpec("mlp", (1, 8, 8), 10),
-        dataset="digits",
+        model=model,
+        dataset=dataset,
         strategy=StrategyConfig(
             name=args.strategy, buffer_size=args.buffer_size, min_workers=args.workers
         ),
@@ -523,7 +541,9 @@ def start_aggregator(args: argparse.Namespace, prefix: str, run_dir: Path, port:
     """The real aggregator service in its own process, serving until SIGTERM."""
     log = open(run_dir / "aggregator.log", "wb")  # noqa: SIM115 - lives as long as the process
     root = Path(__file__).resolve().parents[1]
-    argv = [sys.executable, "-m", "aggregator", "--broker", args.broker, "--prefix", prefix]
+    # Another bench may run the service under a wrapper (e.g. with tracemalloc on).
+    launcher = getattr(args, "aggregator_launcher", None) or ["-m", "aggregator"]
+    argv = [sys.executable, *launcher, "--broker", args.broker, "--prefix", prefix]
     argv += ["--state-dir", str(run_dir / "state"), "--output-dir", str(run_dir / "job")]
     argv += ["--metrics-port", str(port), "--log-level", args.log_level]
     env = dict(os.environ)
@@ -608,8 +628,33 @@ class Harness:
         )
 
 
+@dataclass
+class Outcome:
+    """Everything one run measured, for report() or another bench."""
+
+    accounts: Accounts
+    samples: Samples
+    figures: Figures
+    workers: list[dict[str, Any]]
+    run_dir: Path
+
+    @property
+    def bad(self) -> bool:
+        """An update lost, counted twice or unknown, one left queued, or a worker error."""
+        a = self.accounts
+        troubles = a.lost or a.counted_twice or a.unknown or self.figures.leftover
+        return bool(troubles) or any(r["error"] for r in self.workers)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the load and print its figures; return the exit status."""
+    outcome = execute(args)
+    report(args, outcome.accounts, outcome.samples, outcome.figures)
+    return 1 if outcome.bad else 0
+
+
+def execute(args: argparse.Namespace) -> Outcome:
+    """Run the load once under a fresh topology, deleted at the end; return what it measured."""
     prefix = f"fedq-load-{uuid.uuid4().hex[:8]}"
     topology = Topology(prefix)
     run_dir = Path(args.out) / prefix
@@ -647,10 +692,8 @@ def run(args: argparse.Namespace) -> int:
         published = [u for r in worker_results for u in r["published"]]
         dead, other = drain_dead(args.broker, topology.dead)
         accounts = account(run_dir / "job", published, tap.ids, dead, other)
-        report(args, accounts, h.samples, figures)
         (run_dir / "samples.json").write_text(json.dumps([asdict(s) for s in h.samples.rows]))
-        bad = accounts.lost or accounts.counted_twice or accounts.unknown or figures.leftover
-        return 1 if bad or any(r["error"] for r in worker_results) else 0
+        return Outcome(accounts, h.samples, figures, worker_results, run_dir)
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -801,6 +844,7 @@ def report(args: argparse.Namespace, a: Accounts, samples: Samples, f: Figures) 
     cpu = ", ".join(f"{name} {cores:.2f}" for name, cores in f.window.cpu.items())
     rows = [
         ("workers", f"{args.workers} ({args.procs} processes), think {low:g}-{high:g} ms"),
+        ("model", f"{args.model} {MODELS[args.model][0].input_shape} on {MODELS[args.model][1]}"),
         (
             "strategy",
             f"{strategy}, eval every {args.eval_every}, "
@@ -861,12 +905,15 @@ def parse_think(text: str) -> tuple[float, float]:
     return low, high
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the flags and run the load."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The load's flags (other benches parse theirs with it too)."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--workers", type=int, default=50)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--strategy", choices=("fedbuff", "fedasync"), default="fedbuff")
+    p.add_argument("--model", choices=sorted(MODELS), default="mlp", help="the job's model")
     p.add_argument("--broker", default=DEFAULT_BROKER)
     p.add_argument("--think-ms", type=parse_think, default=(50.0, 200.0), help="LOW,HIGH")
     p.add_argument("--procs", type=int, default=2, help="worker processes (threads split)")
@@ -883,6 +930,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/load")
     p.add_argument("--log-level", default="INFO", help="the aggregator's log level")
     p.add_argument("--quiet", action="store_true", help="no per-second lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags and run the load."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.workers < 1 or args.procs < 1 or args.seconds <= 0:
         p.error("--workers and --procs must be >= 1 and --seconds > 0")
