@@ -68,7 +68,9 @@ def aggregator_main(argv: Sequence[str] | None = None) -> int:
 
     with Operations(registry, health, settings, status=status):
         topology = Topology(settings.prefix)
-        transport = connect(settings.broker, topology, chunk_size=settings.chunk_size)
+        transport = connect(
+            settings.broker, topology, chunk_size=settings.chunk_size, prefetch=settings.prefetch
+        )
         service = AggregatorService(transport, settings, metrics, health=health)
         services.append(service)
         signal.signal(signal.SIGTERM, lambda *_: service.stop())

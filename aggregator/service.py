@@ -7,7 +7,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +252,8 @@ class AggregatorService:
         self.metrics.staleness.observe(outcome.staleness)
         if not running.unacked:
             running.unacked_since = self.clock()
-        running.unacked.append(delivery)
+        # Only its handles are needed to ack it: the body (a model's worth) is let go now.
+        running.unacked.append(replace(delivery, body=b""))
         if outcome.new_version is not None:
             self._on_new_version(running)
         self.metrics.aggregation_duration.observe(time.perf_counter() - started)

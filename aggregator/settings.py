@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.chunks import DEFAULT_CHUNK_SIZE
+from shared.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,13 @@ class AggregatorSettings:
     worker_timeout_s: float = 60.0
     # 0: serve jobs forever; N: exit after N jobs (burst mode for `fedq run` and tests).
     max_jobs: int = 0
+    # Messages (updates, or chunks of large ones) RabbitMQ hands the aggregator ahead of acks.
+    # The aggregator's memory holds this many at most, however many workers there are.
+    prefetch: int = 32
     # Accepted updates wait for a checkpoint before they are acked: one comes with every new
-    # version, and sooner after this many updates or seconds (keep it under the prefetch).
-    checkpoint_every_updates: int = 32
+    # version, and sooner after this many updates or seconds (less than the prefetch, or the
+    # broker would stop delivering until the interval passed).
+    checkpoint_every_updates: int = 16
     checkpoint_interval_s: float = 10.0
     eval_batch_size: int = 1000
     eval_device: str = "cpu"
@@ -38,3 +43,12 @@ class AggregatorSettings:
     # was published with, or that has none: workers must connect as a user named like their id
     # and publish with stamp_user_id.
     require_user_id: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 1:
+            raise ConfigError("prefetch must be at least 1")
+        if not 1 <= self.checkpoint_every_updates < self.prefetch:
+            raise ConfigError(
+                f"checkpoint_every_updates ({self.checkpoint_every_updates}) must be at least 1 "
+                f"and less than prefetch ({self.prefetch})"
+            )

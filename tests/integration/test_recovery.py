@@ -134,3 +134,19 @@ def test_a_job_found_finished_on_restart_is_acknowledged_without_running_again(
 
     assert service.jobs_done == 1 and memory.depth(TOPOLOGY.jobs) == 0
     assert not (tmp_path / "jobs" / "job-1" / "history.jsonl").exists()
+
+
+def test_an_update_waiting_for_its_checkpoint_keeps_only_its_handle_not_its_body(
+    tmp_path: Path,
+) -> None:
+    memory, sender = _broker()
+    service = _aggregator(memory, tmp_path)
+    service.run_until_idle()
+    _send(sender, "u1", 0)  # half a FedBuff buffer: accepted, not yet in a checkpoint
+
+    service.run_until_idle()
+
+    assert service.status()["updates_held"] == 1
+    held = service._job.unacked if service._job else []
+    assert [len(d.body) for d in held] == [0] and held[0].handles
+    assert memory.depth(TOPOLOGY.updates) == 0  # delivered, unacked, not given back

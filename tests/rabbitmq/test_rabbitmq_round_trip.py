@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from rabbitmq_scratch import Scratch, rabbitmqctl_list
 
+from broker import connect
 from broker.rabbitmq import RabbitMQTransport
 from broker.topology import REASON_HEADER, SOURCE_HEADER, UPDATE_ROUTING_KEY
 
@@ -138,6 +139,14 @@ def test_the_declared_queues_are_durable_quorum_queues_that_dead_letter(scratch:
     for name in (t.jobs, t.updates):
         assert ["x-single-active-consumer", "bool", True] in queues[name]["arguments"]
     assert not any(a[0] == "x-dead-letter-exchange" for a in queues[t.dead]["arguments"])
+
+
+def test_connect_passes_the_prefetch_on_to_the_rabbitmq_transport(scratch: Scratch) -> None:
+    transport = connect(scratch.url, scratch.topology, prefetch=3)
+    try:
+        assert isinstance(transport, RabbitMQTransport) and transport.prefetch_count == 3
+    finally:
+        transport.close()
 
 
 def test_prefetch_bounds_the_deliveries_held_by_the_client(scratch: Scratch) -> None:

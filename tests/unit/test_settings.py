@@ -359,3 +359,14 @@ def test_a_job_that_stops_on_time_alone_is_accepted() -> None:
     stop = StopConfig(max_versions=None, max_time_s=60.0)
 
     assert (stop.max_versions, stop.max_time_s) == (None, 60.0)
+
+
+def test_a_checkpoint_count_not_below_the_prefetch_is_refused_at_start_up() -> None:
+    # The broker would stop delivering at `prefetch` unacked updates, before the count is reached.
+    with pytest.raises(ConfigError, match="less than prefetch"):
+        load_settings(AggregatorSettings, None, {"FEDQ_PREFETCH": "16"}, {})
+
+    settings = load_settings(
+        AggregatorSettings, None, {"FEDQ_PREFETCH": "16", "FEDQ_CHECKPOINT_EVERY_UPDATES": "8"}, {}
+    )
+    assert (settings.prefetch, settings.checkpoint_every_updates) == (16, 8)
