@@ -44,6 +44,9 @@ T = TypeVar("T")
 DEFAULT_PREFETCH = 64
 DEFAULT_HEARTBEAT_S = 30
 DEFAULT_BLOCKED_CONNECTION_TIMEOUT_S = 60.0
+# Bytes asked of the socket per recv() call. pika asks 4 KiB, so a 6.7 MB update takes 1,600
+# trips through its I/O loop; 1 MiB reads take the same message 3x faster (bench/ingest.py).
+RECV_BYTES = 1 << 20
 _PERSISTENT = 2
 # The dead queue is the end of the line: quorum and durable, and with no dead-letter exchange.
 _DEAD_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
@@ -420,6 +423,7 @@ class RabbitMQTransport(Transport):
         old = self._reassembler
         self._reassembler = type(old)(old.max_pending_bytes, old.max_age_s)
         self._connection = pika.BlockingConnection(self._params)
+        read_in_large_pieces(self._connection)
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
         self._channel.basic_qos(prefetch_count=self.prefetch_count)
@@ -447,6 +451,21 @@ class RabbitMQTransport(Transport):
             connection.close()
         except (pika.exceptions.AMQPError, OSError) as e:
             logger.debug("closing the connection to %s failed: %r", self._url, e)
+
+
+def read_in_large_pieces(connection: Any, size: int = RECV_BYTES) -> bool:
+    """Make a pika BlockingConnection read up to `size` bytes per recv() instead of 4 KiB.
+
+    pika has no setting for it: its socket transport reads `_MAX_RECV_BYTES` at a time, a class
+    attribute that this overrides on the connection's own transport object. Returns whether it
+    could (a pika without that attribute is left as it is, only slower).
+    """
+    transport = getattr(getattr(connection, "_impl", None), "_transport", None)
+    if transport is None or not hasattr(transport, "_MAX_RECV_BYTES"):
+        logger.debug("cannot enlarge pika's reads: no _MAX_RECV_BYTES on its transport")
+        return False
+    transport._MAX_RECV_BYTES = size
+    return True
 
 
 def _refusal(what: str, error: Exception, publishing: bool) -> TransportError:

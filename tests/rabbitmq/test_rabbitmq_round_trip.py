@@ -9,7 +9,7 @@ import pytest
 from rabbitmq_scratch import Scratch, rabbitmqctl_list
 
 from broker import connect
-from broker.rabbitmq import RabbitMQTransport
+from broker.rabbitmq import RECV_BYTES, RabbitMQTransport
 from broker.topology import REASON_HEADER, SOURCE_HEADER, UPDATE_ROUTING_KEY
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(30)]
@@ -170,3 +170,18 @@ def test_purge_drops_the_ready_messages_and_counts_them(scratch: Scratch) -> Non
     dropped = transport.purge(scratch.topology.jobs)
 
     assert (dropped, scratch.depth(scratch.topology.jobs)) == (3, 0)
+
+
+def test_the_transport_reads_the_socket_in_large_pieces_and_still_round_trips(
+    scratch: Scratch,
+) -> None:
+    transport = _updates_transport(scratch)
+    try:
+        body = bytes(range(256)) * 40_000  # 10 MB: chunks of 8 MiB and the rest
+        transport.publish(scratch.topology.updates, UPDATE_ROUTING_KEY, body)
+        delivery = transport.receive(10)
+        assert delivery is not None and delivery.body == body
+        transport.ack(delivery)
+        assert transport._connection._impl._transport._MAX_RECV_BYTES == RECV_BYTES
+    finally:
+        transport.close()
