@@ -201,6 +201,11 @@ def _pack_into(obj: Any, parts: list[bytes | memoryview], packer: msgpack.Packer
         parts.append(_container_header(len(obj), 0x90, 0xDC))
         items: list[Any] = []
         for item in obj:
+            if type(item) is dict and tuple(item) == _TENSOR_ENTRY_KEYS:
+                _pack_run(items, parts, packer)
+                items = []
+                _pack_tensor_entry(item, parts, packer)
+                continue
             if _is_plain(item):
                 items.append(item)
                 continue
@@ -210,6 +215,28 @@ def _pack_into(obj: Any, parts: list[bytes | memoryview], packer: msgpack.Packer
         _pack_run(items, parts, packer)
     else:
         parts.append(packer.pack(obj))
+
+
+# A tensor entry as shared.tensors.encode_tensor makes it, keys in this order.
+_TENSOR_ENTRY_KEYS = ("name", "dtype", "shape", "data")
+_DATA_KEY = msgpack.packb("data")
+
+
+def _pack_tensor_entry(
+    entry: dict[str, Any], parts: list[bytes | memoryview], packer: msgpack.Packer
+) -> None:
+    """A tensor entry in one msgpack call for its three small fields, then its data by reference.
+
+    The three fields packed as a map of three start with the fixmap byte 0x83; the entry is that
+    map with "data" added, so its header is 0x84 and the rest is the same bytes.
+    """
+    data = entry["data"]
+    if not isinstance(data, _BYTES_LIKE) or not _is_plain(entry["shape"]):
+        _pack_into(entry, parts, packer)
+        return
+    small = packer.pack({"name": entry["name"], "dtype": entry["dtype"], "shape": entry["shape"]})
+    view = data if type(data) is memoryview else memoryview(data)
+    parts += (b"\x84", small[1:], _DATA_KEY, _bin_header(view.nbytes), view)
 
 
 def _pack_run(
