@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
+from memory_job import (
+    JOB_ID,
+    MODEL,
+    SHAPES,
+    TOPOLOGY,
+    aggregator,
+    broker_with_job,
+    fedbuff_spec,
+    read_history,
+    send_delta,
+)
 
 from aggregator.evaluation import BackgroundEvaluator, Evaluator
-from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
-from aggregator.settings import AggregatorSettings
-from broker import MemoryBroker, MemoryTransport, Topology
-from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
-from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
-from shared.messages import Hello, Job, Task, Update, decode_message, encode_message
-from shared.models import build_model, state_to_numpy
+from broker import MemoryTransport
+from broker.topology import UPDATE_ROUTING_KEY
+from shared.messages import Task, Update, decode_message, encode_message
 
-TOPOLOGY = Topology("fedq")
-MODEL = ModelSpec("mlp", (1, 8, 8), 10)
-SPEC = JobSpec(
-    name="t",
-    model=MODEL,
-    dataset="digits",
-    strategy=StrategyConfig(name="fedbuff", buffer_size=1),
-    stop=StopConfig(max_versions=10),
-)
-SHAPES = state_to_numpy(build_model(MODEL, seed=0))
+SPEC = fedbuff_spec(buffer_size=1, max_versions=10)
 
 
 @pytest.fixture
@@ -48,35 +44,6 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     event.set()
 
 
-def _aggregator(memory: MemoryBroker, state_dir: Path) -> AggregatorService:
-    service = AggregatorService(
-        MemoryTransport(memory, TOPOLOGY),
-        AggregatorSettings(broker="memory", state_dir=str(state_dir)),
-        AggregatorMetrics(CollectorRegistry()),
-    )
-    service.transport.declare()
-    service.transport.subscribe(TOPOLOGY.jobs)
-    service.transport.subscribe(TOPOLOGY.updates)
-    return service
-
-
-def _broker() -> tuple[MemoryBroker, MemoryTransport]:
-    memory = MemoryBroker()
-    sender = MemoryTransport(memory, TOPOLOGY)
-    sender.declare()
-    sender.declare_worker("w0")
-    sender.publish(TOPOLOGY.jobs, JOB_ROUTING_KEY, encode_message(Job("job-1", SPEC)))
-    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(Hello("w0", 10, "cpu")))
-    return memory, sender
-
-
-def _send(sender: MemoryTransport, update_id: str, base: int) -> None:
-    tensors = {name: np.full(a.shape, 0.01, a.dtype) for name, a in SHAPES.items()}
-    update = Update("job-1", update_id, "w0", "t", base, None, "delta", 10, tensors,
-                    {"loss": 1.0}, sent_at=0.0)  # fmt: skip
-    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
-
-
 def _answer_newest_task(worker: MemoryTransport, update_id: str) -> None:
     """Take every task waiting for w0 and answer the newest, as a worker would."""
     tasks = []
@@ -86,7 +53,7 @@ def _answer_newest_task(worker: MemoryTransport, update_id: str) -> None:
     task = tasks[-1]
     assert isinstance(task, Task)
     tensors = {name: np.full(a.shape, 0.01, a.dtype) for name, a in SHAPES.items()}
-    update = Update("job-1", update_id, "w0", task.task_id, task.version, None, "delta", 10,
+    update = Update(JOB_ID, update_id, "w0", task.task_id, task.version, None, "delta", 10,
                     tensors, {"loss": 1.0}, sent_at=0.0)  # fmt: skip
     worker.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
 
@@ -97,19 +64,12 @@ def _drain(service: AggregatorService) -> None:
         pass
 
 
-def _history(state_dir: Path) -> list[dict]:
-    path = state_dir / "jobs" / "job-1" / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.timeout(60)
 def test_versions_and_tasks_go_on_while_an_evaluation_is_still_running(
     tmp_path: Path, gate: threading.Event
 ) -> None:
-    memory, _ = _broker()
-    service = _aggregator(memory, tmp_path)
+    memory, _ = broker_with_job(SPEC)
+    service = aggregator(memory, tmp_path)
     worker = MemoryTransport(memory, TOPOLOGY)
     worker.subscribe(TOPOLOGY.task_queue("w0"))
     _drain(service)  # the job starts; version 0 goes to the evaluator, which is stuck
@@ -120,12 +80,12 @@ def test_versions_and_tasks_go_on_while_an_evaluation_is_still_running(
     # Three versions made, and a task sent with each, while version 0 was still being scored.
     assert service.status()["version"] == 3
     assert memory.depth(TOPOLOGY.task_queue("w0")) == 1
-    assert _history(tmp_path) == []  # version 0 heads the history and is not scored yet
+    assert read_history(tmp_path) == []  # version 0 heads the history and is not scored yet
 
     gate.set()
     service.run_until_idle()
 
-    history = _history(tmp_path)
+    history = read_history(tmp_path)
     assert [h["version"] for h in history] == [0, 1, 2, 3]
     # 0 ran first; 1 and 2 waited in turn and 2 displaced 1; 3 displaced 2.
     assert [h["accuracy"] is not None for h in history] == [True, False, False, True]
@@ -137,22 +97,22 @@ def test_versions_and_tasks_go_on_while_an_evaluation_is_still_running(
 def test_history_lines_still_waiting_for_an_evaluation_are_written_once_after_a_crash(
     tmp_path: Path, gate: threading.Event
 ) -> None:
-    memory, sender = _broker()
-    first = _aggregator(memory, tmp_path)
+    memory, sender = broker_with_job(SPEC)
+    first = aggregator(memory, tmp_path)
     _drain(first)
-    _send(sender, "u1", 0)
-    _send(sender, "u2", 1)
+    send_delta(sender, "u1", 0, 0.01)
+    send_delta(sender, "u2", 1, 0.01)
     _drain(first)  # versions 1 and 2 checkpointed while version 0 is still being evaluated
-    assert _history(tmp_path) == []
+    assert read_history(tmp_path) == []
 
     first.transport.close()  # the crash
     gate.set()
-    second = _aggregator(memory, tmp_path)
+    second = aggregator(memory, tmp_path)
     second.run_until_idle()
-    _send(sender, "u3", 2)
+    send_delta(sender, "u3", 2, 0.01)
     second.run_until_idle()
 
-    history = _history(tmp_path)
+    history = read_history(tmp_path)
     assert [h["version"] for h in history] == [0, 1, 2, 3]
     assert [h["update_ids"] for h in history] == [[], ["u1"], ["u2"], ["u3"]]
     assert history[-1]["accuracy"] is not None

@@ -5,64 +5,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-from prometheus_client import CollectorRegistry
+from memory_job import (
+    TOPOLOGY,
+    aggregator,
+    broker_with_job,
+    fedbuff_spec,
+    read_history,
+    send_delta,
+)
 from safetensors.numpy import load_file
 
-from aggregator.metrics import AggregatorMetrics
-from aggregator.service import AggregatorService
-from aggregator.settings import AggregatorSettings
-from broker import MemoryBroker, MemoryTransport, Topology
-from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
-from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
-from shared.messages import Hello, Job, Update, encode_message
-from shared.models import build_model, state_to_numpy
+from broker import MemoryBroker, MemoryTransport
 
-TOPOLOGY = Topology("fedq")
-MODEL = ModelSpec("mlp", (1, 8, 8), 10)
-SPEC = JobSpec(
-    name="t",
-    model=MODEL,
-    dataset="digits",
-    strategy=StrategyConfig(name="fedbuff", buffer_size=2),
-    stop=StopConfig(max_versions=3),
-)
-SHAPES = state_to_numpy(build_model(MODEL, seed=0))
-
-
-def _aggregator(memory: MemoryBroker, state_dir: Path) -> AggregatorService:
-    service = AggregatorService(
-        MemoryTransport(memory, TOPOLOGY),
-        AggregatorSettings(broker="memory", state_dir=str(state_dir)),
-        AggregatorMetrics(CollectorRegistry()),
-    )
-    service.transport.declare()
-    service.transport.subscribe(TOPOLOGY.jobs)
-    service.transport.subscribe(TOPOLOGY.updates)
-    return service
+SPEC = fedbuff_spec(buffer_size=2, max_versions=3)
+_aggregator = aggregator
+_history = read_history
 
 
 def _broker() -> tuple[MemoryBroker, MemoryTransport]:
-    memory = MemoryBroker()
-    sender = MemoryTransport(memory, TOPOLOGY)
-    sender.declare()
-    sender.declare_worker("w0")
-    sender.publish(TOPOLOGY.jobs, JOB_ROUTING_KEY, encode_message(Job("job-1", SPEC)))
-    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(Hello("w0", 10, "cpu")))
-    return memory, sender
+    return broker_with_job(SPEC)
 
 
 def _send(sender: MemoryTransport, update_id: str, base: int) -> None:
-    value = float(int(update_id[1:]))
-    tensors = {name: np.full(a.shape, value / 100, a.dtype) for name, a in SHAPES.items()}
-    update = Update("job-1", update_id, "w0", "t", base, None, "delta", 10, tensors,
-                    {"loss": 1.0}, sent_at=0.0)  # fmt: skip
-    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
-
-
-def _history(state_dir: Path) -> list[dict]:
-    path = state_dir / "jobs" / "job-1" / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    send_delta(sender, update_id, base, value=int(update_id[1:]) / 100)
 
 
 def test_a_restarted_aggregator_resumes_from_its_checkpoint_and_counts_each_update_once(

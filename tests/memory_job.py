@@ -1,0 +1,78 @@
+"""A FedBuff job of the 2NN on the in-process broker, for tests that drive the aggregator
+message by message: the broker with the job and a worker's hello queued, the aggregator, updates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from broker import MemoryBroker, MemoryTransport, Topology
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
+from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
+from shared.messages import Hello, Job, Update, encode_message
+from shared.models import build_model, state_to_numpy
+
+TOPOLOGY = Topology("fedq")
+MODEL = ModelSpec("mlp", (1, 8, 8), 10)
+SHAPES = state_to_numpy(build_model(MODEL, seed=0))
+JOB_ID = "job-1"
+
+
+def fedbuff_spec(buffer_size: int, max_versions: int) -> JobSpec:
+    """FedBuff with K = buffer_size on the digits, stopping at max_versions."""
+    return JobSpec(
+        name="t",
+        model=MODEL,
+        dataset="digits",
+        strategy=StrategyConfig(name="fedbuff", buffer_size=buffer_size),
+        stop=StopConfig(max_versions=max_versions),
+    )
+
+
+def aggregator(memory: MemoryBroker, state_dir: Path) -> AggregatorService:
+    """An aggregator on the broker, subscribed to jobs and updates, not yet stepped."""
+    service = AggregatorService(
+        MemoryTransport(memory, TOPOLOGY),
+        AggregatorSettings(broker="memory", state_dir=str(state_dir)),
+        AggregatorMetrics(CollectorRegistry()),
+    )
+    service.transport.declare()
+    service.transport.subscribe(TOPOLOGY.jobs)
+    service.transport.subscribe(TOPOLOGY.updates)
+    return service
+
+
+def broker_with_job(spec: JobSpec) -> tuple[MemoryBroker, MemoryTransport]:
+    """A broker holding the job and worker w0's hello, and a transport to send with."""
+    memory = MemoryBroker()
+    sender = MemoryTransport(memory, TOPOLOGY)
+    sender.declare()
+    sender.declare_worker("w0")
+    sender.publish(TOPOLOGY.jobs, JOB_ROUTING_KEY, encode_message(Job(JOB_ID, spec)))
+    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(Hello("w0", 10, "cpu")))
+    return memory, sender
+
+
+def send_delta(
+    sender: MemoryTransport, update_id: str, base: int, value: float, task_id: str = "t"
+) -> None:
+    """Publish w0's FedBuff update: every parameter moved by `value`."""
+    tensors = {name: np.full(a.shape, value, a.dtype) for name, a in SHAPES.items()}
+    update = Update(JOB_ID, update_id, "w0", task_id, base, None, "delta", 10, tensors,
+                    {"loss": 1.0}, sent_at=0.0)  # fmt: skip
+    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
+
+
+def read_history(state_dir: Path) -> list[dict]:
+    """The job's history.jsonl lines (none if it is not there yet)."""
+    path = state_dir / "jobs" / JOB_ID / "history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
