@@ -107,6 +107,8 @@ class JobState:
         self.worker_timeout_s = worker_timeout_s
         self.workers: dict[str, WorkerInfo] = {}
         self.seen_update_ids: set[str] = set()
+        # The same ids in the order they were seen: checkpoints log only the ones added since.
+        self._seen_order: list[str] = []
         self.history: list[VersionRecord] = []
         self.accepted = 0
         self.rejected: dict[str, int] = {}
@@ -182,9 +184,9 @@ class JobState:
         if rejection is not None:
             self.rejected[rejection.reason] = self.rejected.get(rejection.reason, 0) + 1
             if rejection.reason != "duplicate":
-                self.seen_update_ids.add(update.update_id)
+                self._remember(update.update_id)
             return rejection
-        self.seen_update_ids.add(update.update_id)
+        self._remember(update.update_id)
         staleness = self.version - update.base_version
         self.note_worker(update.worker_id, now, update.num_samples)
         info = self.workers[update.worker_id]
@@ -197,6 +199,11 @@ class JobState:
             self._accepted_norms.append(norm)
         new_version = self._maybe_advance(now)
         return Accepted(update.update_id, staleness, new_version)
+
+    def _remember(self, update_id: str) -> None:
+        if update_id not in self.seen_update_ids:
+            self.seen_update_ids.add(update_id)
+            self._seen_order.append(update_id)
 
     def _check(self, update: Update) -> Rejected | None:
         def no(reason: str, detail: str) -> Rejected:
@@ -342,7 +349,9 @@ class JobState:
             "pending_update_ids": list(p.update_ids),
             "pending_staleness": list(p.staleness),
             "pending_losses": [[loss, n] for loss, n in p.losses],
-            "seen_update_ids": sorted(self.seen_update_ids),
+            # The live list, in the order seen, not a copy: the checkpoint store writes only the
+            # ids it has not logged yet, so a checkpoint's cost does not grow with the job.
+            "seen_update_ids": self._seen_order,
             "accepted": self.accepted,
             "rejected": dict(self.rejected),
             "round_contributors": sorted(self._round_contributors),
@@ -372,7 +381,8 @@ class JobState:
             list(snap["pending_staleness"]),
             [(float(loss), int(n)) for loss, n in snap["pending_losses"]],
         )
-        self.seen_update_ids = set(snap["seen_update_ids"])
+        self._seen_order = list(snap["seen_update_ids"])
+        self.seen_update_ids = set(self._seen_order)
         self.accepted = int(snap["accepted"])
         self.rejected = dict(snap["rejected"])
         self._round_started = now

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from aggregator.checkpoint import (
+    KEEP,
     MAGIC,
+    SEEN_LOG,
     CheckpointError,
     CheckpointStore,
     decode_checkpoint,
@@ -132,7 +134,8 @@ def test_the_store_keeps_only_the_last_two_checkpoints_and_no_temporary_files(
     for _ in range(5):
         store.save("job1", _state(2).snapshot(0), {})
 
-    assert len(list(tmp_path.iterdir())) == 2
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and names[-1] == SEEN_LOG and names[0].endswith(".ckpt")
 
 
 def test_a_new_store_continues_the_sequence_so_the_newest_stays_newest(tmp_path: Path) -> None:
@@ -145,3 +148,85 @@ def test_a_new_store_continues_the_sequence_so_the_newest_stays_newest(tmp_path:
 
 def test_no_checkpoint_at_all_loads_as_none(tmp_path: Path) -> None:
     assert CheckpointStore(tmp_path / "empty").load_latest() is None
+
+
+def _ids_state(count: int) -> JobState:
+    """A FedBuff state that has seen `count` updates (all folded, a version every two)."""
+    state = _state()
+    for i in range(count):
+        state.offer(_small_update(f"id-{i:06d}", state.version), now=float(i))
+    return state
+
+
+def _small_update(update_id: str, base: int) -> Update:
+    tensors = {"w": np.full(3, 0.001, np.float32), "steps": np.array(0, np.int64)}
+    return Update("job1", update_id, "a", "t", base, None, "delta", 10, tensors)
+
+
+def test_a_checkpoint_logs_only_the_ids_seen_since_the_one_before(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    state = _ids_state(2000)
+    first = store.save("job1", state.snapshot(0), {})
+    log_after_first = (tmp_path / SEEN_LOG).stat().st_size
+    state.offer(_small_update("one-more", state.version), now=1.0)
+
+    second = store.save("job1", state.snapshot(0), {})
+
+    grown = (tmp_path / SEEN_LOG).stat().st_size - log_after_first
+    assert 0 < grown < 100  # one record holding one id, not 2,001 ids again
+    assert second.stat().st_size < first.stat().st_size + 1000  # the file does not hold the ids
+    restored = _state()
+    restored.restore(CheckpointStore(tmp_path).load_latest()[0], now=0.0)  # type: ignore[index]
+    assert restored.seen_update_ids == state.seen_update_ids and len(state.seen_update_ids) == 2001
+
+
+def test_ids_logged_by_a_checkpoint_that_never_completed_are_cut_off_on_load(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save("job1", _ids_state(4).snapshot(0), {})
+    with open(tmp_path / SEEN_LOG, "ab") as fh:  # a crash after logging, before the checkpoint
+        fh.write(b"\x00\x00\x00\x10" + b"x" * 20)
+
+    reopened = CheckpointStore(tmp_path)
+    snap, _ = reopened.load_latest()  # type: ignore[misc]
+    state = _state()
+    state.restore(snap, now=0.0)
+    state.offer(_small_update("late", state.version), now=1.0)
+    reopened.save("job1", state.snapshot(0), {})
+
+    final, _ = CheckpointStore(tmp_path).load_latest()  # type: ignore[misc]
+    assert final["seen_update_ids"] == ["id-000000", "id-000001", "id-000002", "id-000003", "late"]
+
+
+def test_a_damaged_id_log_falls_back_to_the_checkpoint_whose_ids_are_intact(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save("job1", _ids_state(2).snapshot(0), {"n": 1})
+    store.save("job1", _ids_state(4).snapshot(0), {"n": 2})
+    log = tmp_path / SEEN_LOG
+    data = bytearray(log.read_bytes())
+    data[-1] ^= 0xFF  # the second record, logged for the newer checkpoint, is damaged
+    log.write_bytes(bytes(data))
+
+    snap, figures = CheckpointStore(tmp_path).load_latest()  # type: ignore[misc]
+
+    assert figures == {"n": 1} and snap["seen_update_ids"] == ["id-000000", "id-000001"]
+    assert KEEP == 2
+
+
+def test_a_checkpoint_from_before_the_id_log_loads_and_the_next_one_logs_every_id(
+    tmp_path: Path,
+) -> None:
+    state = _ids_state(3)
+    old = encode_checkpoint("job1", dict(state.snapshot(0)), {"n": "old"})  # ids inside it
+    (tmp_path / "checkpoint-00000001-00000001.ckpt").write_bytes(old)
+
+    store = CheckpointStore(tmp_path)
+    snap, _ = store.load_latest()  # type: ignore[misc]
+    store.save("job1", snap, {"n": "new"})
+
+    final, figures = CheckpointStore(tmp_path).load_latest()  # type: ignore[misc]
+    assert figures == {"n": "new"}
+    assert final["seen_update_ids"] == ["id-000000", "id-000001", "id-000002"]
