@@ -48,11 +48,11 @@ class WeightedSum:
             for name, a in reference.items()
         }
         # One small scratch per floating dtype, shared by every tensor of that dtype.
-        self._scratch = {
-            s.dtype: np.empty(min(AXPY_CHUNK, max(1, s.size)), s.dtype)
-            for s in sorted(self.sums.values(), key=lambda a: a.size)
-            if is_averaged(s)
-        }
+        largest: dict[np.dtype, int] = {}
+        for total in self.sums.values():
+            if is_averaged(total):
+                largest[total.dtype] = max(largest.get(total.dtype, 1), total.size)
+        self._scratch = {dt: np.empty(min(AXPY_CHUNK, n), dt) for dt, n in largest.items()}
         self.total_weight = 0.0
         self.norm = 0.0
         self.count = 0
