@@ -1,13 +1,16 @@
-"""A FedBuff job of the 2NN on the in-process broker, for tests that drive the aggregator
-message by message: the broker with the job and a worker's hello queued, the aggregator, updates.
+"""A FedBuff job of the 2NN on the in-process broker, for tests that drive the services
+message by message: the broker with the job and a worker's hello queued, the aggregator, a
+worker service, updates.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry
 
 from aggregator.metrics import AggregatorMetrics
@@ -18,6 +21,9 @@ from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
 from shared.messages import Hello, Job, Update, encode_message
 from shared.models import build_model, state_to_numpy
+from worker.metrics import WorkerMetrics
+from worker.service import LocalData, WorkerService
+from worker.settings import WorkerSettings
 
 TOPOLOGY = Topology("fedq")
 MODEL = ModelSpec("mlp", (1, 8, 8), 10)
@@ -76,3 +82,18 @@ def read_history(state_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def memory_worker(memory: MemoryBroker, worker_id: str = "w0", **settings: Any) -> WorkerService:
+    """A worker service on the broker with 64 random 8x8 samples (seeded), not yet started;
+    `settings` are WorkerSettings fields (slowdown, poll_interval_s, ...)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=generator)
+    y = torch.randint(0, 10, (64,), generator=generator)
+    return WorkerService(
+        MemoryTransport(memory, TOPOLOGY),
+        WorkerSettings(worker_id=worker_id, broker="memory", **settings),
+        LocalData(x, y),
+        torch.device("cpu"),
+        WorkerMetrics(CollectorRegistry()),
+    )

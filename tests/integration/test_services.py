@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-import torch
+from memory_job import memory_worker
 from prometheus_client import CollectorRegistry
 
 from aggregator.metrics import AggregatorMetrics
@@ -30,9 +30,7 @@ from shared.messages import (
     encode_message,
 )
 from shared.models import build_model, state_to_numpy
-from worker.metrics import WorkerMetrics
-from worker.service import LocalData, WorkerService
-from worker.settings import WorkerSettings
+from worker.service import WorkerService
 
 TOPOLOGY = Topology("fedq")
 MODEL = ModelSpec("mlp", (1, 8, 8), 10)
@@ -67,17 +65,7 @@ def _aggregator(memory: MemoryBroker, tmp_path: Path, max_jobs: int = 0) -> Aggr
 
 
 def _worker(memory: MemoryBroker, worker_id: str, slowdown: float = 1.0) -> WorkerService:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 1, 8, 8, generator=generator)
-    y = torch.randint(0, 10, (64,), generator=generator)
-    settings = WorkerSettings(worker_id=worker_id, broker="memory", slowdown=slowdown)
-    return WorkerService(
-        MemoryTransport(memory, TOPOLOGY),
-        settings,
-        LocalData(x, y),
-        torch.device("cpu"),
-        WorkerMetrics(CollectorRegistry()),
-    )
+    return memory_worker(memory, worker_id, slowdown=slowdown)
 
 
 def _submit(memory: MemoryBroker, job_id: str, spec: JobSpec) -> None:

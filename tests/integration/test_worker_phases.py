@@ -5,16 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from prometheus_client import CollectorRegistry
+from memory_job import memory_worker
 
 from broker import MemoryBroker, MemoryTransport, Topology
 from shared.jobs import ModelSpec, TrainingConfig
 from shared.messages import GlobalModel, Task, Update, decode_message, encode_message
 from shared.models import build_model, state_to_numpy
-from worker.metrics import PHASES, WorkerMetrics
-from worker.service import LocalData, WorkerService
-from worker.settings import WorkerSettings
+from worker.metrics import PHASES
+from worker.service import WorkerService
 
 TOPOLOGY = Topology("fedq")
 MODEL = ModelSpec("mlp", (1, 8, 8), 10)
@@ -28,17 +26,7 @@ def memory() -> MemoryBroker:
 
 
 def _worker(memory: MemoryBroker, poll_interval_s: float = 0.5) -> WorkerService:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 1, 8, 8, generator=generator)
-    y = torch.randint(0, 10, (64,), generator=generator)
-    settings = WorkerSettings(worker_id="w0", broker="memory", poll_interval_s=poll_interval_s)
-    return WorkerService(
-        MemoryTransport(memory, TOPOLOGY),
-        settings,
-        LocalData(x, y),
-        torch.device("cpu"),
-        WorkerMetrics(CollectorRegistry()),
-    )
+    return memory_worker(memory, poll_interval_s=poll_interval_s)
 
 
 def _send_task(sender: MemoryTransport, version: int) -> None:
