@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -222,10 +223,10 @@ class Bench:
                 raise SystemExit(f"the aggregator acked {len(acked)} of {count} updates")
             elapsed = acked[-1] - started
             summary = (state_dir / "jobs" / job.job_id / "summary.json").read_text()
-            accepted = _json_field(summary, "updates_accepted")
+            accepted = json.loads(summary)["updates_accepted"]
             if accepted != count:
                 raise SystemExit(f"the aggregator accepted {accepted} of {count} updates")
-            return elapsed, float(_json_field(summary, "final_accuracy"))
+            return elapsed, float(json.loads(summary)["final_accuracy"])
         finally:
             transport.close()
 
@@ -237,12 +238,6 @@ class Bench:
         t.teardown([])
         t.close()
         self.connection.close()
-
-
-def _json_field(text: str, key: str) -> Any:
-    import json
-
-    return json.loads(text)[key]
 
 
 def ingest(url: str, count: int, repeat: int) -> list[dict[str, float]]:
