@@ -95,6 +95,16 @@ class AggregatorMetrics:
         self.bytes_sent = Counter(
             "fedq_aggregator_sent_bytes", "Bytes of tasks published.", registry=registry
         )
+        self.chunk_sets_pending = Gauge(
+            "fedq_aggregator_chunk_sets_pending",
+            "Incomplete chunk sets held (their envelopes are acked and spooled on disk).",
+            registry=registry,
+        )
+        self.chunk_pending_bytes = Gauge(
+            "fedq_aggregator_chunk_pending_bytes",
+            "Bytes of the incomplete chunk sets held so far.",
+            registry=registry,
+        )
         self.started_at = time.time()
         registry.register(_ScrapeTimeCollector(self))
 

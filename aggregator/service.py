@@ -17,7 +17,9 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.output import RunDirectory
 from aggregator.settings import AggregatorSettings
 from aggregator.state import Accepted, JobState
+from broker.spool import ChunkSpool
 from broker.transport import Delivery, Transport
+from shared.chunks import Reassembler
 from shared.errors import ProtocolError, TransportError
 from shared.jobs import TrainingConfig, to_dict
 from shared.messages import GlobalModel, Hello, Job, Task, Update, decode_message, encode_message
@@ -73,6 +75,16 @@ class AggregatorService:
         self.health = health if health is not None else Health()
         self._gauges_at = -float("inf")
         self.transport.on_reject = lambda reason: metrics.updates_rejected.labels(reason).inc()
+        # Chunk envelopes are acked once spooled: a set larger than the prefetch cannot stall.
+        self.transport.hold_chunks(
+            Reassembler(
+                max_pending_bytes=settings.max_chunk_pending_bytes,
+                max_age_s=settings.chunk_max_age_s,
+                max_sets=settings.max_chunk_sets,
+                max_set_bytes=settings.max_message_bytes,
+            ),
+            ChunkSpool(Path(settings.state_dir) / "chunks"),
+        )
         self._stopping = False
         self._job: _Running | None = None
         self._queued_jobs: deque[tuple[Job, Delivery]] = deque()
@@ -134,6 +146,9 @@ class AggregatorService:
             self.health.progress()
             return
         self._gauges_at = now
+        sets, held = self.transport.chunk_backlog()
+        self.metrics.chunk_sets_pending.set(sets)
+        self.metrics.chunk_pending_bytes.set(held)
         running = self._job
         if running is not None:
             active = len(running.state.alive_workers(now))
@@ -343,6 +358,9 @@ class AggregatorService:
             )
             self._record_version(running)
             self._checkpoint(running)
+        # Updates a previous run left half-received or unsettled in the chunk spool come back
+        # now that their job runs (receiving them earlier would reject them as unknown_job).
+        self.transport.resume_spool()
         self._dispatch(running)
 
     def _dispatch(self, running: _Running) -> None:

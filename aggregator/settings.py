@@ -37,14 +37,28 @@ class AggregatorSettings:
     checkpoint_interval_s: float = 10.0
     eval_batch_size: int = 1000
     eval_device: str = "cpu"
-    # A message larger than this (after reassembly) is dead-lettered as too_large, not decoded.
+    # A message larger than this (after reassembly) is dead-lettered as too_large, not decoded;
+    # a chunk set announcing more is refused at its first envelope.
     max_message_bytes: int = 512 * 1024 * 1024
+    # Incomplete chunk sets: their envelopes are acked as they arrive and kept durably under
+    # <state_dir>/chunks, so sets of any size never stall intake. A new set beyond these bounds
+    # (how many sets, the sum of their announced sizes) is refused as chunk_limit; a set still
+    # incomplete after max age is dead-lettered as incomplete_chunks (docs/protocol.md 7.3).
+    max_chunk_sets: int = 256
+    max_chunk_pending_bytes: int = 4 * 1024 * 1024 * 1024
+    chunk_max_age_s: float = 600.0
     # Reject (user_mismatch) an update whose worker id is not the broker-validated user_id it
     # was published with, or that has none: workers must connect as a user named like their id
     # and publish with stamp_user_id.
     require_user_id: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_chunk_sets < 1 or self.max_chunk_pending_bytes < self.max_message_bytes:
+            raise ConfigError(
+                "max_chunk_sets must be >= 1 and max_chunk_pending_bytes >= max_message_bytes"
+            )
+        if self.chunk_max_age_s <= 0:
+            raise ConfigError("chunk_max_age_s must be > 0")
         if self.prefetch < 1:
             raise ConfigError("prefetch must be at least 1")
         if not 1 <= self.checkpoint_every_updates < self.prefetch:

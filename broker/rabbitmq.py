@@ -218,6 +218,24 @@ class RabbitMQTransport(Transport):
         if worker_id not in self._workers:
             self._workers.append(worker_id)
 
+    def exchange_exists(self, exchange: str) -> bool:
+        """Whether the exchange is declared: a passive declare on a channel of its own (the
+        broker closes a channel that asks for a missing exchange; the service's stays open)."""
+
+        def check() -> bool:
+            channel = self._connection.channel()
+            try:
+                channel.exchange_declare(exchange, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code == 404:
+                    return False
+                raise
+            if channel.is_open:
+                channel.close()
+            return True
+
+        return self._run(f"check exchange {exchange}", check)
+
     def subscribe(self, queue: str) -> None:
         """Consume from a declared queue; receive() then returns its messages."""
         if queue in self._subscribed:
@@ -419,9 +437,8 @@ class RabbitMQTransport(Transport):
         self._generation += 1
         self._pending.clear()
         self._unsettled.clear()
-        # Chunks held from the old connection will be redelivered: start their sets afresh.
-        old = self._reassembler
-        self._reassembler = type(old)(old.max_pending_bytes, old.max_age_s)
+        # Chunk sets in progress are kept: their envelopes were acked as they arrived, so only
+        # the ones not yet received (or whose ack was lost) come again on the new connection.
         self._connection = pika.BlockingConnection(self._params)
         read_in_large_pieces(self._connection)
         self._channel = self._connection.channel()

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from broker.spool import ChunkSpool, monotonic_of
 from broker.topology import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Topology
-from shared.chunks import DEFAULT_CHUNK_SIZE, ChunkSetError, Reassembler, decode_chunk, is_chunk
+from shared.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    Chunk,
+    ChunkSetError,
+    Reassembler,
+    decode_chunk,
+    is_chunk,
+)
 from shared.errors import ChunkError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +49,28 @@ class RawMessage:
     user_id: str | None = None
 
 
+@dataclass
+class _Held:
+    """An envelope of an incomplete chunk set: acked on the broker, kept here for its set.
+
+    Its body is in memory, or (body empty) in the spool at `path`.
+    """
+
+    body: bytes
+    queue: str
+    headers: dict[str, Any]
+    user_id: str | None
+    redelivered: bool
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class _SetHandle:
+    """Settles a reassembled message, whose envelopes were each acked as they arrived."""
+
+    message_id: str
+
+
 RejectHook = Callable[[str], None]
 
 
@@ -48,6 +80,10 @@ class Transport(ABC):
     Implementations provide the raw operations; this class splits payloads above `chunk_size`
     into checksummed chunks on publish and reassembles them on receive, so callers never see a
     chunk. Bad chunk sets are dead-lettered with their reason and reported to `on_reject`.
+
+    Each chunk envelope is acked as soon as it is held (in memory, or durably in a ChunkSpool
+    given to hold_chunks), so that sets larger than the prefetch never stall the consumer; the
+    reassembled message is settled as one delivery (docs/protocol.md section 7.3).
     """
 
     def __init__(self, topology: Topology, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
@@ -56,7 +92,11 @@ class Transport(ABC):
         self.on_reject: RejectHook | None = None
         # The user_id every message is published with (None: not set); see stamp_user_id.
         self.user_id: str | None = None
-        self._reassembler: Reassembler[RawMessage] = Reassembler()
+        self._reassembler: Reassembler[_Held] = Reassembler()
+        self._spool: ChunkSpool | None = None
+        self._spool_resumed = False
+        # Reassembled messages to hand out before the broker's: requeued or restored ones.
+        self._ready: deque[Delivery] = deque()
 
     # -------------------------------------------------------------- implementation hooks
 
@@ -67,6 +107,10 @@ class Transport(ABC):
     @abstractmethod
     def declare_worker(self, worker_id: str) -> None:
         """Declare one worker's task queue and its binding (idempotent)."""
+
+    @abstractmethod
+    def exchange_exists(self, exchange: str) -> bool:
+        """Whether an exchange is declared (a passive check: needs no permission on it)."""
 
     @abstractmethod
     def subscribe(self, queue: str) -> None:
@@ -114,6 +158,8 @@ class Transport(ABC):
         # Expiry runs on every call, not only when the queue is idle: under steady traffic an
         # incomplete set would otherwise hold its chunks (and the prefetch) indefinitely.
         self._expire_chunks()
+        if self._ready:
+            return self._ready.popleft()
         raw = self._receive_raw(timeout)
         while raw is not None:
             # The dead queue is read as it is: a bad chunk set dead-lettered again would loop.
@@ -128,14 +174,24 @@ class Transport(ABC):
         return None
 
     def ack(self, delivery: Delivery) -> None:
-        """Acknowledge a delivery: the broker forgets it."""
+        """Acknowledge a delivery: the broker (or the chunk spool) forgets it."""
         for handle in delivery.handles:
-            self._settle_raw(handle, ack=True, requeue=False)
+            if isinstance(handle, _SetHandle):
+                self._drop_set(handle.message_id)
+            else:
+                self._settle_raw(handle, ack=True, requeue=False)
 
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
         """Give a delivery back to its queue (requeue) or drop it to the queue's dead-letter."""
         for handle in delivery.handles:
-            self._settle_raw(handle, ack=False, requeue=requeue)
+            if not isinstance(handle, _SetHandle):
+                self._settle_raw(handle, ack=False, requeue=requeue)
+            elif requeue:
+                # Its envelopes are acked: it waits here, not in the queue, to be received again.
+                self._ready.append(replace(delivery, redelivered=True))
+            else:
+                self.publish(self.topology.dead, "", delivery.body, dict(delivery.headers))
+                self._drop_set(handle.message_id)
 
     def reject(self, delivery: Delivery, reason: str, detail: str = "") -> None:
         """Dead-letter a delivery with its reason in a header, then ack it: nothing is lost."""
@@ -160,38 +216,117 @@ class Transport(ABC):
 
     # -------------------------------------------------------------- chunks
 
+    def hold_chunks(self, reassembler: Reassembler[Any], spool: ChunkSpool | None = None) -> None:
+        """Reassemble with these limits; with a spool, keep envelopes durably until settled."""
+        self._reassembler = reassembler
+        self._spool = spool
+        self._spool_resumed = False
+
+    def resume_spool(self) -> int:
+        """Take back the sets a previous run left in the spool (once); return how many
+        envelopes. Sets found complete are received again, marked redelivered."""
+        if self._spool is None or self._spool_resumed:
+            return 0
+        self._spool_resumed = True
+        found = self._spool.load()
+        for path, envelope in found:
+            try:
+                chunk = decode_chunk(envelope.body)
+            except ChunkError:
+                path.unlink(missing_ok=True)  # only valid envelopes are ever spooled
+                continue
+            if self._reassembler.holds(chunk):
+                continue
+            held = _Held(b"", envelope.queue, envelope.headers, envelope.user_id, True, path)
+            whole = self._hold(chunk, held, started=monotonic_of(envelope.written_at))
+            if whole is not None:
+                self._ready.append(whole)
+        if found:
+            logger.info("took back %d spooled chunk envelopes", len(found))
+        return len(found)
+
+    def chunk_backlog(self) -> tuple[int, int]:
+        """Incomplete chunk sets held and their bytes held so far."""
+        return self._reassembler.pending_sets, self._reassembler.pending_bytes
+
     def _add_chunk(self, raw: RawMessage) -> Delivery | None:
         try:
-            done = self._reassembler.add(decode_chunk(raw.body), raw)
-        except ChunkSetError as e:
-            logger.warning("rejecting a chunk set from %s: %s", raw.queue, e)
-            self._reject_raws(e.keys, e.reason)
-            return None
+            chunk = decode_chunk(raw.body)
         except ChunkError as e:
             logger.warning("rejecting a chunk from %s: %s", raw.queue, e)
-            self._reject_raws([raw], e.reason)
+            self._reject_raws([raw], e.reason, str(e))
             return None
+        if self._reassembler.holds(chunk):
+            # A redelivery of an envelope already held (its ack was lost): settle it again.
+            self._settle_raw(raw.handle, ack=True, requeue=False)
+            return None
+        held = _Held(raw.body, raw.queue, raw.headers, raw.user_id, raw.redelivered)
+        whole = self._hold(chunk, held)
+        # Held (durably, with a spool): the broker may forget it, whatever the set's size.
+        self._settle_raw(raw.handle, ack=True, requeue=False)
+        return whole
+
+    def _hold(self, chunk: Chunk, held: _Held, started: float | None = None) -> Delivery | None:
+        """Add an envelope to its set; return the message if it completed the set."""
+        try:
+            done = self._reassembler.add(chunk, held, started)
+        except ChunkSetError as e:
+            if e.first:
+                logger.warning(
+                    "rejecting chunk set %s from %s: %s", chunk.message_id, held.queue, e
+                )
+            self._dead_letter_held(e.keys, e.reason, str(e), count=e.first)
+            self._drop_set(chunk.message_id)
+            return None
+        if held.path is None and self._spool is not None:
+            held.path = self._spool.save(
+                chunk.message_id, chunk.index, held.body, held.queue, held.headers, held.user_id
+            )
+            held.body = b""
         if done is None:
             return None
-        payload, raws = done
-        first = raws[0]
+        payload, helds = done
+        first = helds[0]
         return Delivery(
             payload,
             first.queue,
-            [r.handle for r in raws],
+            [_SetHandle(chunk.message_id)],
             first.headers,
-            any(r.redelivered for r in raws),
+            any(h.redelivered for h in helds),
             first.user_id,
         )
 
-    def _expire_chunks(self) -> None:
-        for message_id, raws in self._reassembler.expire():
-            logger.warning("chunk set %s incomplete for too long; dead-lettering it", message_id)
-            self._reject_raws(raws, "incomplete_chunks")
+    def _drop_set(self, message_id: str) -> None:
+        if self._spool is not None:
+            self._spool.drop(message_id)
 
-    def _reject_raws(self, raws: list[RawMessage], reason: str) -> None:
+    def _expire_chunks(self) -> None:
+        for message_id, helds in self._reassembler.expire():
+            logger.warning("chunk set %s incomplete for too long; dead-lettering it", message_id)
+            detail = f"incomplete after {self._reassembler.max_age_s:g} s"
+            self._dead_letter_held(helds, "incomplete_chunks", detail, count=True)
+            self._drop_set(message_id)
+
+    def _dead_letter_held(self, helds: list[_Held], reason: str, detail: str, count: bool) -> None:
+        """Publish held envelopes, unchanged, to the dead exchange with the reason headers."""
+        for held in helds:
+            body = held.body
+            if held.path is not None and self._spool is not None:
+                try:
+                    body = self._spool.read(held.path).body
+                except OSError as e:
+                    logger.warning("spooled chunk %s is gone: %r", held.path, e)
+                    continue
+            extra = {REASON_HEADER: reason, SOURCE_HEADER: held.queue, DETAIL_HEADER: detail[:500]}
+            self._publish_raw(self.topology.dead, "", body, held.headers | extra)
+        if count and self.on_reject is not None:
+            self.on_reject(reason)
+
+    def _reject_raws(self, raws: list[RawMessage], reason: str, detail: str = "") -> None:
         for index, raw in enumerate(raws):
             extra = {REASON_HEADER: reason, SOURCE_HEADER: raw.queue}
+            if detail:
+                extra[DETAIL_HEADER] = detail[:500]
             self._publish_raw(self.topology.dead, "", raw.body, raw.headers | extra)
             self._settle_raw(raw.handle, ack=True, requeue=False)
             if index == 0 and self.on_reject is not None:

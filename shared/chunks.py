@@ -105,43 +105,79 @@ class _Partial(Generic[K]):
     count: int
     total_size: int
     sha256: bytes
+    started: float
     parts: dict[int, bytes] = field(default_factory=dict)
     keys: list[K] = field(default_factory=list)
     size: int = 0
-    started: float = field(default_factory=time.monotonic)
+
+
+# Refused sets are remembered (this many, the newest) so that their later envelopes are
+# dead-lettered with the same reason, without counting the set again.
+_REFUSED_MEMORY = 4096
 
 
 class Reassembler(Generic[K]):
     """Collects chunks by message id; `add` returns the whole payload once its set is complete.
 
-    Each chunk comes with a key (a delivery), so that the caller can settle every chunk of a
-    message together. Memory is bounded: at most `max_pending_bytes` of incomplete sets are kept;
-    `expire` hands back the keys of sets that are too old or pushed out.
+    Each chunk comes with a key (what the caller needs to dead-letter it later). The limits
+    (docs/protocol.md section 7.3) are checked when a set starts, never by pushing out sets that
+    are already held: a set whose `total_size` is above `max_set_bytes` is refused as
+    `too_large`; one that would make more than `max_sets` incomplete sets, or more than
+    `max_pending_bytes` of their declared sizes, is refused as `chunk_limit`. `expire` hands
+    back the keys of sets older than `max_age_s`.
     """
 
-    def __init__(self, max_pending_bytes: int = 1 << 30, max_age_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        max_pending_bytes: int = 1 << 30,
+        max_age_s: float = 600.0,
+        max_sets: int = 256,
+        max_set_bytes: int | None = None,
+    ) -> None:
         self.max_pending_bytes = max_pending_bytes
         self.max_age_s = max_age_s
+        self.max_sets = max_sets
+        self.max_set_bytes = max_pending_bytes if max_set_bytes is None else max_set_bytes
         self._partials: OrderedDict[str, _Partial[K]] = OrderedDict()
+        self._refused: OrderedDict[str, ChunkError] = OrderedDict()
         self._pending_bytes = 0
+        self._reserved_bytes = 0
 
     @property
     def pending_bytes(self) -> int:
         """Bytes held in incomplete chunk sets."""
         return self._pending_bytes
 
-    def add(self, chunk: Chunk, key: K) -> tuple[bytes, list[K]] | None:
+    @property
+    def pending_sets(self) -> int:
+        """Incomplete chunk sets held."""
+        return len(self._partials)
+
+    def holds(self, chunk: Chunk) -> bool:
+        """Whether this envelope's index of its set is already held (a redelivery)."""
+        partial = self._partials.get(chunk.message_id)
+        return partial is not None and chunk.index in partial.parts
+
+    def add(
+        self, chunk: Chunk, key: K, started: float | None = None
+    ) -> tuple[bytes, list[K]] | None:
         """Add one chunk; return (payload, keys of all its chunks) when its set is complete.
 
-        Raises ChunkError (after forgetting the set) if the set is inconsistent or its checksum
-        fails; the error's `keys` attribute lists the chunks to reject.
+        Raises ChunkSetError (after forgetting the set) if the set is refused, inconsistent or
+        its checksum fails; the error's `keys` lists the chunks to dead-letter and `first` says
+        whether this is the first error of the set (to be counted once). `started` backdates a
+        new set (a set restored from disk keeps its age).
         """
+        refused = self._refused.get(chunk.message_id)
+        if refused is not None:
+            raise ChunkSetError(str(refused), [key], refused.reason, first=False)
         partial = self._partials.get(chunk.message_id)
         if partial is None:
-            if chunk.total_size > self.max_pending_bytes:
-                raise _with_keys(ChunkError("chunk set larger than the reassembly limit"), [key])
-            partial = _Partial(chunk.count, chunk.total_size, chunk.sha256)
+            self._admit(chunk, key)
+            when = time.monotonic() if started is None else started
+            partial = _Partial(chunk.count, chunk.total_size, chunk.sha256, when)
             self._partials[chunk.message_id] = partial
+            self._reserved_bytes += chunk.total_size
         partial.keys.append(key)
         if (chunk.count, chunk.total_size, chunk.sha256) != (
             partial.count,
@@ -162,37 +198,64 @@ class Reassembler(Generic[K]):
         self._forget(chunk.message_id)
         payload = b"".join(partial.parts[i] for i in range(partial.count))
         if len(payload) != partial.total_size or hashlib.sha256(payload).digest() != partial.sha256:
-            raise _with_keys(ChunkError("chunk set checksum mismatch"), partial.keys)
+            raise ChunkSetError("chunk set checksum mismatch", partial.keys)
         return payload, partial.keys
 
+    def _admit(self, chunk: Chunk, key: K) -> None:
+        """Refuse a new set that is over a limit (and remember it), else return."""
+        error: ChunkError | None = None
+        if chunk.total_size > self.max_set_bytes:
+            error = ChunkError(
+                f"chunk set of {chunk.total_size} bytes exceeds the largest message "
+                f"({self.max_set_bytes} bytes)",
+                "too_large",
+            )
+        elif len(self._partials) >= self.max_sets:
+            error = ChunkError(
+                f"{len(self._partials)} incomplete chunk sets are held (max {self.max_sets})",
+                "chunk_limit",
+            )
+        elif self._reserved_bytes + chunk.total_size > self.max_pending_bytes:
+            error = ChunkError(
+                f"a set of {chunk.total_size} bytes would take incomplete sets past "
+                f"{self.max_pending_bytes} bytes",
+                "chunk_limit",
+            )
+        if error is None:
+            return
+        self._refused[chunk.message_id] = error
+        while len(self._refused) > _REFUSED_MEMORY:
+            self._refused.popitem(last=False)
+        raise ChunkSetError(str(error), [key], error.reason)
+
     def expire(self, now: float | None = None) -> list[tuple[str, list[K]]]:
-        """Forget incomplete sets that are too old or over the memory bound; return their keys."""
+        """Forget incomplete sets older than max_age_s; return their ids and keys."""
         now = time.monotonic() if now is None else now
         dropped: list[tuple[str, list[K]]] = []
         for message_id in list(self._partials):
-            partial = self._partials[message_id]
-            too_old = now - partial.started > self.max_age_s
-            if too_old or self._pending_bytes > self.max_pending_bytes:
-                self._forget(message_id)
-                dropped.append((message_id, partial.keys))
+            if now - self._partials[message_id].started > self.max_age_s:
+                dropped.append((message_id, self._forget(message_id).keys))
         return dropped
 
     def _forget(self, message_id: str) -> _Partial[K]:
         partial = self._partials.pop(message_id)
         self._pending_bytes -= partial.size
+        self._reserved_bytes -= partial.total_size
         return partial
 
     def _fail(self, message_id: str, why: str) -> ChunkSetError:
-        return _with_keys(ChunkError(why), self._forget(message_id).keys)
+        return ChunkSetError(why, self._forget(message_id).keys)
 
 
 class ChunkSetError(ChunkError):
-    """A chunk set failed; `keys` are the deliveries of its chunks, to be rejected together."""
+    """A chunk set failed or was refused; `keys` are the chunks to dead-letter together.
 
-    def __init__(self, message: str, keys: list[Any]) -> None:
-        super().__init__(message)
+    `first` is False for a later envelope of a set already refused (counted once, not again).
+    """
+
+    def __init__(
+        self, message: str, keys: list[Any], reason: str = "bad_chunk", first: bool = True
+    ) -> None:
+        super().__init__(message, reason)
         self.keys = keys
-
-
-def _with_keys(error: ChunkError, keys: list[Any]) -> ChunkSetError:
-    return ChunkSetError(str(error), keys)
+        self.first = first

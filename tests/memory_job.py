@@ -42,11 +42,12 @@ def fedbuff_spec(buffer_size: int, max_versions: int) -> JobSpec:
     )
 
 
-def aggregator(memory: MemoryBroker, state_dir: Path) -> AggregatorService:
-    """An aggregator on the broker, subscribed to jobs and updates, not yet stepped."""
+def aggregator(memory: MemoryBroker, state_dir: Path, **settings: Any) -> AggregatorService:
+    """An aggregator on the broker, subscribed to jobs and updates, not yet stepped;
+    `settings` are AggregatorSettings fields."""
     service = AggregatorService(
         MemoryTransport(memory, TOPOLOGY),
-        AggregatorSettings(broker="memory", state_dir=str(state_dir)),
+        AggregatorSettings(broker="memory", state_dir=str(state_dir), **settings),
         AggregatorMetrics(CollectorRegistry()),
     )
     service.transport.declare()

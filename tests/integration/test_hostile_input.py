@@ -28,7 +28,6 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
 from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, SOURCE_HEADER, UPDATE_ROUTING_KEY
-from shared.chunks import Reassembler
 from shared.messages import encode_message
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,10 +41,12 @@ class _Federation:
         memory = MemoryBroker()
         self.registry = CollectorRegistry()
         transport = MemoryTransport(memory, TOPOLOGY)
-        # Incomplete chunk sets are dead-lettered once this old and the queue is idle.
-        transport._reassembler = Reassembler(max_age_s=0.05)
+        # Incomplete chunk sets are dead-lettered once this old.
         settings = AggregatorSettings(
-            broker="memory", state_dir=str(state_dir), max_message_bytes=MAX_MESSAGE_BYTES
+            broker="memory",
+            state_dir=str(state_dir),
+            max_message_bytes=MAX_MESSAGE_BYTES,
+            chunk_max_age_s=0.05,
         )
         self.service = AggregatorService(transport, settings, AggregatorMetrics(self.registry))
         transport.declare()
@@ -66,7 +67,7 @@ class _Federation:
         # A chunk set left incomplete is dead-lettered by a receive that finds the queue idle
         # once the set is older than max_age_s, as the service's loop would a moment later.
         for _ in range(20):
-            if not self.service.transport._reassembler.pending_bytes:
+            if not self.service.transport.chunk_backlog()[0]:
                 break
             time.sleep(0.06)
             self.service.step(0.01)

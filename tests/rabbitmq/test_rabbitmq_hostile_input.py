@@ -20,7 +20,6 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker.rabbitmq import RabbitMQTransport
 from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, SOURCE_HEADER, UPDATE_ROUTING_KEY
-from shared.chunks import Reassembler
 from shared.messages import encode_message
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(180)]
@@ -32,11 +31,13 @@ class _Aggregator:
     def __init__(self, scratch: Scratch, state_dir: Path) -> None:
         self.registry = CollectorRegistry()
         transport = scratch.transport()
-        # Incomplete chunk sets are dead-lettered once they are this old and the queue is idle;
-        # long enough that a valid set is never cut while its chunks are still on the way.
-        transport._reassembler = Reassembler(max_age_s=1.0)
+        # Incomplete chunk sets are dead-lettered once they are this old; long enough that a
+        # valid set is never cut while its chunks are still on the way.
         settings = AggregatorSettings(
-            broker=scratch.url, state_dir=str(state_dir), max_message_bytes=MAX_MESSAGE_BYTES
+            broker=scratch.url,
+            state_dir=str(state_dir),
+            max_message_bytes=MAX_MESSAGE_BYTES,
+            chunk_max_age_s=1.0,
         )
         self.service = AggregatorService(transport, settings, AggregatorMetrics(self.registry))
         self.transport: RabbitMQTransport = transport

@@ -54,10 +54,12 @@ def feed(reassembler: Reassembler[int], chunks: list[Chunk]) -> list[Any]:
     return [reassembler.add(chunk, key) for key, chunk in enumerate(chunks)]
 
 
-def expect_set_error(reassembler: Reassembler[int], chunks: list[Chunk]) -> ChunkSetError:
+def expect_set_error(
+    reassembler: Reassembler[int], chunks: list[Chunk], reason: str = "bad_chunk"
+) -> ChunkSetError:
     with pytest.raises(ChunkSetError) as caught:
         feed(reassembler, chunks)
-    assert caught.value.reason == "bad_chunk"
+    assert caught.value.reason == reason
     return caught.value
 
 
@@ -199,14 +201,65 @@ def test_chunks_holding_more_bytes_than_the_total_fail_the_set() -> None:
     assert error.keys == [0, 1]
 
 
-def test_a_set_larger_than_the_reassembly_limit_is_refused_at_its_first_chunk() -> None:
+def test_a_set_larger_than_the_largest_message_is_refused_as_too_large_at_its_first_chunk() -> None:
     chunks = chunks_of(payload_of(5000))
-    reassembler: Reassembler[int] = Reassembler(max_pending_bytes=4096)
+    reassembler: Reassembler[int] = Reassembler(max_set_bytes=4096)
 
-    error = expect_set_error(reassembler, chunks[:1])
+    error = expect_set_error(reassembler, chunks[:1], "too_large")
 
     assert error.keys == [0]
-    assert reassembler.pending_bytes == 0
+    assert error.first
+    assert reassembler.pending_bytes == 0 and reassembler.pending_sets == 0
+
+
+def test_later_envelopes_of_a_refused_set_are_refused_with_the_same_reason_but_not_first() -> None:
+    chunks = chunks_of(payload_of(5000))
+    reassembler: Reassembler[int] = Reassembler(max_set_bytes=4096)
+    expect_set_error(reassembler, chunks[:1], "too_large")
+
+    with pytest.raises(ChunkSetError) as caught:
+        reassembler.add(chunks[1], 1)
+
+    assert caught.value.reason == "too_large"
+    assert caught.value.keys == [1]
+    assert not caught.value.first
+    assert reassembler.pending_sets == 0
+
+
+def test_a_new_set_past_the_set_count_limit_is_refused_while_the_held_ones_complete() -> None:
+    first, second, third = (chunks_of(payload_of(1500 + i)) for i in range(3))
+    reassembler: Reassembler[int] = Reassembler(max_sets=2)
+    reassembler.add(first[0], 10)
+    reassembler.add(second[0], 20)
+
+    with pytest.raises(ChunkSetError) as caught:
+        reassembler.add(third[0], 30)
+    completed = reassembler.add(first[1], 11)
+
+    assert caught.value.reason == "chunk_limit"
+    assert completed is not None and completed[0] == payload_of(1500)
+    assert reassembler.pending_sets == 1
+
+
+def test_a_new_set_whose_size_would_pass_the_pending_bytes_limit_is_refused() -> None:
+    held, new = chunks_of(payload_of(1500)), chunks_of(payload_of(1500))
+    reassembler: Reassembler[int] = Reassembler(max_pending_bytes=2000, max_set_bytes=2000)
+    reassembler.add(held[0], 1)
+
+    with pytest.raises(ChunkSetError) as caught:
+        reassembler.add(new[0], 2)
+
+    assert caught.value.reason == "chunk_limit"
+    assert reassembler.pending_sets == 1 and reassembler.pending_bytes == 1024
+
+
+def test_holds_tells_an_envelope_already_held_from_a_new_one() -> None:
+    chunks = chunks_of(payload_of(3000))
+    reassembler: Reassembler[int] = Reassembler()
+    reassembler.add(chunks[0], 0)
+
+    assert reassembler.holds(chunks[0])
+    assert not reassembler.holds(chunks[1])
 
 
 def test_a_failed_set_is_forgotten_so_that_a_resend_starts_afresh() -> None:
@@ -238,16 +291,15 @@ def test_expire_hands_back_an_incomplete_set_once_it_is_too_old() -> None:
     assert reassembler.pending_bytes == 0
 
 
-def test_expire_pushes_out_the_oldest_sets_when_pending_bytes_exceed_the_limit() -> None:
-    old, new = chunks_of(payload_of(1500)), chunks_of(payload_of(1500))
-    reassembler: Reassembler[int] = Reassembler(max_pending_bytes=2000)
-    reassembler.add(old[0], 1)
-    reassembler.add(new[0], 2)
+def test_a_set_restored_with_its_start_time_expires_by_its_original_age() -> None:
+    chunks = chunks_of(payload_of(3000))
+    reassembler: Reassembler[int] = Reassembler(max_age_s=10.0)
+    now = time.monotonic()
 
-    dropped = reassembler.expire()
+    reassembler.add(chunks[0], 0, started=now - 9)
 
-    assert dropped == [(old[0].message_id, [1])]
-    assert reassembler.pending_bytes == 1024
+    assert reassembler.expire(now=now) == []
+    assert reassembler.expire(now=now + 2) == [(chunks[0].message_id, [0])]
 
 
 def test_expire_keeps_complete_and_fresh_sets_alone() -> None:

@@ -164,9 +164,23 @@ def test_a_payload_larger_than_the_chunk_size_travels_in_chunks_and_arrives_whol
 
     assert queued == 10
     assert delivery.body == payload
-    assert len(delivery.handles) == 10
     assert broker.depth(TOPOLOGY.updates) == 0
     assert transport.receive(0) is None
+
+
+def test_chunk_envelopes_are_acked_as_they_are_held_before_their_message_is_settled(
+    broker: MemoryBroker,
+) -> None:
+    first = MemoryTransport(broker, TOPOLOGY, chunk_size=1024)
+    first.declare()
+    first.subscribe(TOPOLOGY.updates)
+    publish_update(first, bytes(10_000))
+
+    delivery = receive(first)
+    first.close()  # never settled: only unacked deliveries would go back to the queue
+
+    assert len(delivery.body) == 10_000
+    assert broker.depth(TOPOLOGY.updates) == 0
 
 
 def test_a_tampered_chunk_set_is_dead_lettered_as_bad_chunk(
