@@ -42,6 +42,11 @@ class MemoryBroker:
         with self._lock:
             self._exchanges.setdefault(name, _Exchange(kind))
 
+    def has_exchange(self, name: str) -> bool:
+        """Whether an exchange is declared."""
+        with self._lock:
+            return name in self._exchanges
+
     def declare_queue(self, name: str) -> None:
         """Create a queue if it does not exist."""
         with self._lock:
@@ -159,6 +164,10 @@ class MemoryTransport(Transport):
         self.broker.declare_exchange(self.topology.tasks, "direct")
         self.broker.declare_queue(queue)
         self.broker.bind(queue, self.topology.tasks, worker_id)
+
+    def exchange_exists(self, exchange: str) -> bool:
+        """Whether the exchange is declared on the in-process broker."""
+        return self.broker.has_exchange(exchange)
 
     def subscribe(self, queue: str) -> None:
         """Consume from a queue."""

@@ -66,6 +66,14 @@ _REFUSED: tuple[type[Exception], ...] = (
 )
 
 
+_PIKA_CHANNEL_LOG = logging.getLogger("pika.channel")
+
+
+def _quiet_not_found(record: logging.LogRecord) -> bool:
+    """A log filter dropping pika's warning about a channel closed with 404 NOT_FOUND."""
+    return "NOT_FOUND" not in record.getMessage()
+
+
 @dataclass(frozen=True)
 class ReconnectPolicy:
     """How to retry a lost connection: exponential backoff with full jitter, then give up."""
@@ -224,12 +232,16 @@ class RabbitMQTransport(Transport):
 
         def check() -> bool:
             channel = self._connection.channel()
+            # The 404 is the answer, not a problem: keep pika from logging it as a warning.
+            _PIKA_CHANNEL_LOG.addFilter(_quiet_not_found)
             try:
                 channel.exchange_declare(exchange, passive=True)
             except pika.exceptions.ChannelClosedByBroker as e:
                 if e.reply_code == 404:
                     return False
                 raise
+            finally:
+                _PIKA_CHANNEL_LOG.removeFilter(_quiet_not_found)
             if channel.is_open:
                 channel.close()
             return True

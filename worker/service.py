@@ -108,11 +108,34 @@ class WorkerService:
         """Declare and subscribe to this worker's task queue and say hello."""
         self.transport.declare_worker(self.worker_id)
         self.transport.subscribe(self.transport.topology.task_queue(self.worker_id))
+        self._await_updates_exchange()
+        if self._stopping:
+            return
         logger.info(
             "worker %s ready: %d samples on %s", self.worker_id, self.data.num_samples, self.device
         )
         self._hello()
         self.health.mark_ready()
+
+    def _await_updates_exchange(self) -> None:
+        """Wait (passively, without declaring it) for the exchange updates go to: a worker
+        started before the aggregator waits for it instead of failing its first hello."""
+        exchange = self.transport.topology.updates
+        every = self.settings.wait_for_topology_s
+        waited = 0
+        while not self._stopping and not self.transport.exchange_exists(exchange):
+            if waited % max(1, round(60 / every)) == 0:
+                logger.warning(
+                    "waiting for exchange %r, declared by the aggregator (or `fedq broker`): "
+                    "is the aggregator running on this broker and prefix? checking every %g s",
+                    exchange,
+                    every,
+                )
+            self.health.progress(f"waiting for exchange {exchange}")
+            waited += 1
+            self._stopped.wait(every)
+        if waited:
+            logger.info("exchange %r is there; going on", exchange)
 
     def stop(self) -> None:
         """Ask the loop to return (safe from a signal handler)."""

@@ -26,6 +26,9 @@ class WorkerSettings:
     # Stretches each training's wall-clock by this factor (sleeping), to emulate slow hardware.
     slowdown: float = 1.0
     hello_interval_s: float = 5.0
+    # Started before the aggregator, a worker checks this often for the updates exchange it
+    # publishes to (declared by the aggregator or `fedq broker`), instead of exiting.
+    wait_for_topology_s: float = 2.0
     poll_interval_s: float = 0.5
     # Every worker of a simulation must cut the same split, so the partition has its own seed;
     # `seed` drives this worker's batch order.

@@ -137,6 +137,19 @@ def test_a_worker_cannot_publish_tasks_or_jobs_read_other_queues_or_declare(
     worker.publish(t.updates, UPDATE_ROUTING_KEY, b"still fine")
 
 
+def test_a_worker_account_can_tell_whether_the_updates_exchange_is_there_without_more_rights(
+    vhost: Vhost,
+) -> None:
+    name = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
+    worker = _worker_transport(vhost, name)
+
+    there = worker.exchange_exists(vhost.topology.updates)
+    missing = worker.exchange_exists(f"{vhost.topology.prefix}.nothing-here")
+
+    assert there and not missing
+    worker.publish(vhost.topology.updates, UPDATE_ROUTING_KEY, b"the connection is fine")
+
+
 def test_the_broker_refuses_a_user_id_that_is_not_the_connections_user(vhost: Vhost) -> None:
     name = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
     worker = _worker_transport(vhost, name)
