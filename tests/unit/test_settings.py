@@ -370,3 +370,18 @@ def test_a_checkpoint_count_not_below_the_prefetch_is_refused_at_start_up() -> N
         AggregatorSettings, None, {"FEDQ_PREFETCH": "16", "FEDQ_CHECKPOINT_EVERY_UPDATES": "8"}, {}
     )
     assert (settings.prefetch, settings.checkpoint_every_updates) == (16, 8)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"max_chunk_sets": 0},
+        {"max_chunk_pending_bytes": 1024, "max_message_bytes": 2048},
+        {"chunk_max_age_s": 0.0},
+    ],
+)
+def test_chunk_limits_that_could_never_hold_a_message_are_refused_at_start_up(
+    values: dict[str, Any],
+) -> None:
+    with pytest.raises(ConfigError):
+        AggregatorSettings(**values)
