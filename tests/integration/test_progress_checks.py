@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
+from aggregator.status import render
 from broker import MemoryBroker, MemoryTransport
 from broker.topology import UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
@@ -176,3 +177,16 @@ def test_a_job_is_stalled_after_five_minutes_or_three_round_deadlines_by_default
 
     assert service.stall_after(Job("a", short)) == 300.0
     assert service.stall_after(Job("b", long)) == 1800.0
+
+
+def test_fedq_status_shows_a_stalled_job_and_its_reason(tmp_path: Path) -> None:
+    clock = FakeClock()
+    memory, _ = broker_with_job(fedbuff_spec(buffer_size=2, max_versions=10))
+    service, _ = _aggregator(memory, tmp_path, clock, stall_after_s=10.0)
+    service.run_until_idle()
+    clock.now += 11
+    service.run_until_idle()
+
+    text = render(service.status())
+
+    assert "STALLED        no new version for 11 s (limit 10 s) at version 0" in text
