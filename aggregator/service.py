@@ -470,7 +470,9 @@ class AggregatorService:
             }
         )
         final = self._stop_reason(running) is not None
-        if state.version % running.job.spec.eval_every == 0 or final:
+        due = state.version % running.job.spec.eval_every == 0 or final
+        # A diverged version is not evaluated: a NaN score would add nothing to its warning.
+        if due and running.diverged is None:
             skipped = running.evaluator.submit(state.version, state.model)
             if skipped is not None:
                 running.awaiting.discard(skipped)

@@ -87,6 +87,7 @@ def test_a_global_model_that_overflows_to_inf_ends_the_job_as_diverged(
     assert (run / "model.safetensors").exists()
     assert service.jobs_done == 1 and service.status()["state"] == "idle"
     assert registry.get_sample_value("fedq_aggregator_models_nonfinite_total") == 1
+    assert registry.get_sample_value("fedq_aggregator_evaluations_nonfinite_total") == 0
     diverged = [r for r in caplog.records if "diverged" in r.message]
     assert len(diverged) == 1 and "holds NaN or Inf" in diverged[0].message
     # No task ever carried the diverged model.
