@@ -6,7 +6,7 @@ beyond the accumulator objects handed to them, so the same inputs always give th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
@@ -17,6 +17,21 @@ from shared.tensors import Tensors
 def is_averaged(array: np.ndarray) -> bool:
     """Only floating-point tensors are averaged; integer buffers are taken, never averaged."""
     return array.dtype.kind == "f"
+
+
+# ---------------------------------------------------------------- buffers
+# The buffer rule (docs/architecture.md, Strategies): a model's buffers (state entries that are
+# not parameters: BatchNorm running_mean, running_var, num_batches_tracked) are statistics, not
+# weights. They are never moved by a delta: every strategy sets floating-point buffers to a
+# weighted mean of the values the updates carry (a convex mix of non-negative variances stays
+# non-negative), and integer tensors (counters) to the largest value seen, so they advance and
+# the result does not depend on the order updates arrived in.
+
+
+def max_counter(current: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """The elementwise largest of two integer tensors: counters advance, never go back."""
+    out: np.ndarray = np.maximum(current, value).astype(current.dtype, copy=False)
+    return out
 
 
 def staleness_factor(staleness: int, config: StrategyConfig) -> float:
@@ -38,8 +53,9 @@ class WeightedSum:
     """A running sum of weighted tensors: memory is one model's worth, whatever the count.
 
     Floating-point tensors accumulate weight * value (float16 sums in float32 so small weights
-    are not lost); other tensors keep the value of the newest add. `total_weight` sums the
-    weights; `norm` sums the normalising weights, which FedBuff keeps apart (n_i, not n_i f(s_i)).
+    are not lost); other tensors (integer counters) keep the largest value added. `total_weight`
+    sums the weights; `norm` sums the normalising weights, which FedBuff keeps apart (n_i, not
+    n_i f(s_i)).
     """
 
     def __init__(self, reference: Mapping[str, np.ndarray]) -> None:
@@ -60,7 +76,7 @@ class WeightedSum:
     def add(
         self, tensors: Mapping[str, np.ndarray], weight: float, norm: float | None = None
     ) -> None:
-        """Add weight * tensors (floating-point entries) and remember the others."""
+        """Add weight * tensors (floating-point entries); keep the largest of the others."""
         if not weight > 0:
             raise ValueError("weight must be > 0")
         for name, total in self.sums.items():
@@ -68,7 +84,8 @@ class WeightedSum:
             if is_averaged(total):
                 axpy(total, value, weight, self._scratch[total.dtype])
             else:
-                self.sums[name] = value.copy()
+                # A fresh array, never written in place: mean() hands these out as they are.
+                self.sums[name] = value.copy() if not self.count else max_counter(total, value)
         self.total_weight += weight
         self.norm += weight if norm is None else norm
         self.count += 1
@@ -86,7 +103,7 @@ class WeightedSum:
         self.count = 0
 
     def mean(self) -> Tensors:
-        """Return sum / total weight for floating tensors, the newest value for the others."""
+        """Return sum / total weight for floating tensors, the largest value for the others."""
         if not self.total_weight > 0:
             raise ValueError("nothing to average")
         return {
@@ -122,21 +139,37 @@ def cast_like(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndar
 def fedavg(
     updates: list[tuple[Mapping[str, np.ndarray], float]], reference: Mapping[str, np.ndarray]
 ) -> Tensors:
-    """Weighted FedAvg: sum_i (w_i / sum w) * y_i over floating tensors; others from the last."""
+    """Weighted FedAvg: sum_i (w_i / sum w) * y_i over floating tensors; others the largest."""
     acc = WeightedSum(reference)
     for tensors, weight in updates:
         acc.add(tensors, weight)
     return cast_like(acc.mean(), reference)
 
 
-def fedbuff_step(model: Mapping[str, np.ndarray], buffer: WeightedSum, server_lr: float) -> Tensors:
-    """FedBuff: x + eta_g * (sum_i n_i f(s_i) d_i) / (sum_i n_i); non-float tensors are kept.
+def fedbuff_step(
+    model: Mapping[str, np.ndarray],
+    buffer: WeightedSum,
+    server_lr: float,
+    values: Collection[str] = (),
+) -> Tensors:
+    """FedBuff: x + eta_g * (sum_i n_i f(s_i) d_i) / (sum_i n_i) for parameters.
 
-    The buffer must have been filled with add(delta, n_i * f(s_i), norm=n_i).
+    The buffer must have been filled with add(update, n_i * f(s_i), norm=n_i), where an update
+    holds deltas of the parameters and the values of the tensors named in `values` (buffers).
+    Those are set, not moved: a floating-point buffer becomes the weighted mean of the buffered
+    values, sum_i n_i f(s_i) v_i / sum_i n_i f(s_i); an integer one the largest of the global
+    model's and the buffered values. Integer tensors outside `values` are kept.
     """
     if not buffer.norm > 0:
         raise ValueError("the buffer is empty")
-    return apply_delta(model, buffer.sums, server_lr / buffer.norm)
+    out = apply_delta(model, buffer.sums, server_lr / buffer.norm)
+    for name in values:
+        x, total = model[name], buffer.sums[name]
+        if is_averaged(x):
+            out[name] = (total / buffer.total_weight).astype(x.dtype, copy=False)
+        else:
+            out[name] = max_counter(x, total)
+    return out
 
 
 def apply_delta(
@@ -152,7 +185,8 @@ def apply_delta(
 def mix(
     model: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray], alpha: float
 ) -> Tensors:
-    """FedAsync: (1 - alpha) * x + alpha * y for floating tensors; others taken from y."""
+    """FedAsync: (1 - alpha) * x + alpha * y for floating tensors (parameters and buffers, as
+    values); integer tensors take the larger of x and y, so counters advance."""
     if not 0 < alpha <= 1:
         raise ValueError("alpha must be in (0, 1]")
     out: Tensors = {}
@@ -161,5 +195,5 @@ def mix(
         if is_averaged(x):
             out[name] = ((1.0 - alpha) * x + alpha * y).astype(x.dtype, copy=False)
         else:
-            out[name] = y.copy()
+            out[name] = max_counter(x, y)
     return out

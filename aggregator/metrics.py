@@ -105,6 +105,22 @@ class AggregatorMetrics:
             "Bytes of the incomplete chunk sets held so far.",
             registry=registry,
         )
+        # Jobs that cannot progress (docs/monitoring.md).
+        self.evaluations_nonfinite = Counter(
+            "fedq_aggregator_evaluations_nonfinite",
+            "Evaluations whose accuracy or loss was NaN or Inf (left out of history and tasks).",
+            registry=registry,
+        )
+        self.models_nonfinite = Counter(
+            "fedq_aggregator_models_nonfinite",
+            "Global model versions holding NaN or Inf; each ends its job as diverged.",
+            registry=registry,
+        )
+        self.job_stalled = Gauge(
+            "fedq_aggregator_job_stalled",
+            "1 while the running job has made no new version for stall_after_s.",
+            registry=registry,
+        )
         self.started_at = time.time()
         registry.register(_ScrapeTimeCollector(self))
 

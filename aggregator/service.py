@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -23,10 +24,14 @@ from shared.chunks import Reassembler
 from shared.errors import ProtocolError, TransportError
 from shared.jobs import TrainingConfig, to_dict
 from shared.messages import GlobalModel, Hello, Job, Task, Update, decode_message, encode_message
-from shared.models import build_model, state_to_numpy
+from shared.models import buffer_names, build_model, state_to_numpy
 from shared.ops import Health
+from shared.tensors import first_nonfinite
 
 logger = logging.getLogger(__name__)
+
+# With stall_after_s = 0, a job is stalled after max(this, 3 x round_deadline_s) without a version.
+STALL_AFTER_MIN_S = 300.0
 
 
 @dataclass
@@ -54,6 +59,13 @@ class _Running:
     time_to_target_s: float | None = None
     bytes_received: int = 0
     bytes_sent: int = 0
+    # A job that cannot progress (docs/monitoring.md, "Jobs that cannot progress"): when the
+    # newest version appeared, why the job is stalled (None while it is not), why its global
+    # model is unusable (it then ends as `diverged`), and how many evaluations were not finite.
+    last_version_at: float = 0.0
+    stalled: str | None = None
+    diverged: str | None = None
+    evaluations_nonfinite: int = 0
 
 
 class AggregatorService:
@@ -153,6 +165,8 @@ class AggregatorService:
         if running is not None:
             active = len(running.state.alive_workers(now))
             status = f"job {running.job.job_id}: version {running.state.version}"
+            if running.stalled is not None:
+                status += " (stalled)"
         else:
             timeout = self.settings.worker_timeout_s
             active = sum(1 for seen, _ in self._known_workers.values() if now - seen <= timeout)
@@ -177,6 +191,10 @@ class AggregatorService:
             "best_accuracy": None,
             "updates_accepted": None,
             "updates_held": 0,
+            "stalled": False,
+            "stall_reason": None,
+            "diverged": None,
+            "evaluations_nonfinite": 0,
             "queued_jobs": len(queued),
             "queued_job_ids": queued,
             "jobs_done": self.jobs_done,
@@ -196,6 +214,10 @@ class AggregatorService:
                 "updates_accepted": state.accepted,
                 # Accepted, not yet acked: they wait for the next checkpoint.
                 "updates_held": len(running.unacked),
+                "stalled": running.stalled is not None,
+                "stall_reason": running.stalled,
+                "diverged": running.diverged,
+                "evaluations_nonfinite": running.evaluations_nonfinite,
             }
         return out
 
@@ -294,6 +316,7 @@ class AggregatorService:
             return
         self._apply_evaluations(running, running.evaluator.poll())
         now = self.clock()
+        self._check_stalled(running, now)
         if running.unacked and (
             len(running.unacked) >= self.settings.checkpoint_every_updates
             or now - running.unacked_since >= self.settings.checkpoint_interval_s
@@ -326,18 +349,22 @@ class AggregatorService:
             self.jobs_done += 1
             self.transport.ack(delivery)
             return
-        initial = state_to_numpy(build_model(spec.model, seed=spec.seed))
+        built = build_model(spec.model, seed=spec.seed)
+        initial = state_to_numpy(built)
         evaluator = BackgroundEvaluator(
             Evaluator(
                 spec.model, spec.dataset, self.settings.eval_batch_size, self.settings.eval_device
             )
         )
         # The job's clock starts once its set-up is done, as a centralised run's would.
-        state = JobState(job, initial, self.clock(), self.settings.worker_timeout_s)
+        state = JobState(
+            job, initial, self.clock(), self.settings.worker_timeout_s, buffer_names(built)
+        )
         for worker_id, (seen, samples) in self._known_workers.items():
             state.note_worker(worker_id, seen, samples)
         store = CheckpointStore(output_dir / "checkpoints")
         running = _Running(job, delivery, state, evaluator, RunDirectory(output_dir), store)
+        running.last_version_at = self.clock()
         self._job = running
         self.metrics.job_running.set(1)
         resumed = store.load_latest()
@@ -352,6 +379,7 @@ class AggregatorService:
                 if written is None or record["version"] > written:
                     running.output.append_history(record)
             logger.info("job %s resumed at version %d", job.job_id, state.version)
+            self._check_model(running)  # a crash may have come between a divergence and its end
         else:
             logger.info(
                 "job %s started: %s, model %s", job.job_id, spec.strategy.name, spec.model.name
@@ -366,6 +394,8 @@ class AggregatorService:
     def _dispatch(self, running: _Running) -> None:
         state = running.state
         now = self.clock()
+        if running.diverged is not None:
+            return  # never hand out a model that holds NaN or Inf; the job ends at the next tick
         if not running.dispatching:
             if len(state.alive_workers(now)) < running.job.spec.strategy.min_workers:
                 return
@@ -436,6 +466,7 @@ class AggregatorService:
         state = running.state
         record = state.history[-1] if state.history else None
         time_s = self.clock() - state.started_at
+        self._note_version(running)
         self.metrics.model_version.set(state.version)
         self.metrics.round.set(state.round or 0)
         self.metrics.last_model_timestamp.set(time.time())
@@ -457,7 +488,9 @@ class AggregatorService:
             }
         )
         final = self._stop_reason(running) is not None
-        if state.version % running.job.spec.eval_every == 0 or final:
+        due = state.version % running.job.spec.eval_every == 0 or final
+        # A diverged version is not evaluated: a NaN score would add nothing to its warning.
+        if due and running.diverged is None:
             skipped = running.evaluator.submit(state.version, state.model)
             if skipped is not None:
                 running.awaiting.discard(skipped)
@@ -474,6 +507,9 @@ class AggregatorService:
             if evaluation.accuracy is None or evaluation.loss is None:
                 continue
             accuracy, loss = evaluation.accuracy, evaluation.loss
+            if not (math.isfinite(accuracy) and math.isfinite(loss)):
+                self._note_nonfinite_evaluation(running, version, accuracy, loss)
+                continue
             running.last_evaluated = version
             running.last_accuracy, running.last_loss = accuracy, loss
             running.best_accuracy = max(running.best_accuracy, accuracy)
@@ -506,6 +542,8 @@ class AggregatorService:
     def _stop_reason(self, running: _Running) -> str | None:
         stop = running.job.spec.stop
         state = running.state
+        if running.diverged is not None:
+            return "diverged"
         if (
             stop.target_accuracy is not None
             and (running.last_accuracy or 0.0) >= stop.target_accuracy
@@ -521,7 +559,8 @@ class AggregatorService:
         state, spec = running.state, running.job.spec
         reason = self._stop_reason(running) or "stopped"
         self._apply_evaluations(running, running.evaluator.wait())
-        if running.last_evaluated != state.version:
+        # A diverged model is not scored: its NaN would say nothing the log does not.
+        if running.last_evaluated != state.version and running.diverged is None:
             # The final model is always scored, whatever eval_every skipped.
             running.awaiting.add(state.version)
             final = running.evaluator.evaluate_now(state.version, state.model)
@@ -548,6 +587,7 @@ class AggregatorService:
         self._job = None
         self.jobs_done += 1
         self.metrics.job_running.set(0)
+        self.metrics.job_stalled.set(0)
         self.metrics.jobs_completed.inc()
         logger.info(
             "job %s finished (%s): version %d, accuracy %s",
@@ -556,6 +596,71 @@ class AggregatorService:
             state.version,
             "n/a" if running.last_accuracy is None else f"{running.last_accuracy:.4f}",
         )
+
+    # ------------------------------------------------------------------ progress checks
+
+    def _note_version(self, running: _Running) -> None:
+        """A new version: the stall clock restarts; a model with NaN or Inf ends the job."""
+        state = running.state
+        running.last_version_at = self.clock()
+        if running.stalled is not None:
+            logger.info("job %s is moving again: version %d", running.job.job_id, state.version)
+            running.stalled = None
+            self.metrics.job_stalled.set(0)
+        self._check_model(running)
+
+    def _check_model(self, running: _Running) -> None:
+        """A global model holding NaN or Inf cannot progress: the job ends as `diverged`."""
+        state = running.state
+        bad = first_nonfinite(state.model)
+        if bad is None or running.diverged is not None:
+            return
+        running.diverged = f"version {state.version}: tensor {bad!r} holds NaN or Inf"
+        self.metrics.models_nonfinite.inc()
+        logger.warning(
+            "job %s diverged: the global model of %s; no task will carry it and the job "
+            "ends with stop reason 'diverged'",
+            running.job.job_id,
+            running.diverged,
+        )
+
+    def _note_nonfinite_evaluation(
+        self, running: _Running, version: int, accuracy: float, loss: float
+    ) -> None:
+        """An evaluation gave NaN or Inf: counted, logged, and kept out of every figure."""
+        running.evaluations_nonfinite += 1
+        self.metrics.evaluations_nonfinite.inc()
+        logger.warning(
+            "job %s: evaluating version %d gave accuracy %r, loss %r; left out of the history "
+            "and of the tasks' model metrics (a negative BatchNorm variance or an overflow?)",
+            running.job.job_id,
+            version,
+            accuracy,
+            loss,
+        )
+
+    def _check_stalled(self, running: _Running, now: float) -> None:
+        """Mark the job stalled once no new version appeared for stall_after(); log it once."""
+        limit = self.stall_after(running.job)
+        idle = now - running.last_version_at
+        if running.stalled is not None or idle < limit:
+            return
+        state = running.state
+        alive = len(state.alive_workers(now))
+        running.stalled = (
+            f"no new version for {idle:.0f} s (limit {limit:.0f} s) at version {state.version}: "
+            f"{alive} workers alive (min_workers {running.job.spec.strategy.min_workers}), "
+            f"{len(state.pending_update_ids)} updates waiting for a version, "
+            f"{sum(state.rejected.values())} rejected"
+        )
+        self.metrics.job_stalled.set(1)
+        logger.warning("job %s is stalled: %s", running.job.job_id, running.stalled)
+
+    def stall_after(self, job: Job) -> float:
+        """Seconds without a new version after which a running job counts as stalled."""
+        if self.settings.stall_after_s > 0:
+            return self.settings.stall_after_s
+        return max(STALL_AFTER_MIN_S, 3 * job.spec.strategy.round_deadline_s)
 
     def _summary(self, running: _Running, reason: str) -> dict[str, Any]:
         state, spec = running.state, running.job.spec
@@ -592,12 +697,14 @@ def _training_for(job: Job, kind: str) -> TrainingConfig:
 
 
 def _version_metrics(running: _Running) -> dict[str, float]:
+    """The newest finite evaluation, for a task's model: a NaN there would make every worker
+    refuse every task (the encoder refuses it too, but a task must never get that far)."""
     out: dict[str, float] = {}
     if running.last_accuracy is not None:
         out["accuracy"] = running.last_accuracy
     if running.last_loss is not None:
         out["loss"] = running.last_loss
-    return out
+    return {key: value for key, value in out.items() if math.isfinite(value)}
 
 
 def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:

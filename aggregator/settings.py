@@ -51,6 +51,9 @@ class AggregatorSettings:
     # was published with, or that has none: workers must connect as a user named like their id
     # and publish with stamp_user_id.
     require_user_id: bool = False
+    # A running job with no new version for this many seconds is reported stalled (/status,
+    # fedq_aggregator_job_stalled, one warning); 0: max(300, 3 x the job's round_deadline_s).
+    stall_after_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_chunk_sets < 1 or self.max_chunk_pending_bytes < self.max_message_bytes:
@@ -59,6 +62,8 @@ class AggregatorSettings:
             )
         if self.chunk_max_age_s <= 0:
             raise ConfigError("chunk_max_age_s must be > 0")
+        if not self.stall_after_s >= 0:
+            raise ConfigError("stall_after_s must be >= 0 (0: automatic)")
         if self.prefetch < 1:
             raise ConfigError("prefetch must be at least 1")
         if not 1 <= self.checkpoint_every_updates < self.prefetch:

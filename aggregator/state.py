@@ -10,6 +10,7 @@ import math
 import random
 import statistics
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,10 +98,20 @@ class _Pending:
 class JobState:
     """The state of one running job under its strategy; see the module docstring."""
 
-    def __init__(self, job: Job, initial: Tensors, started_at: float, worker_timeout_s: float):
+    def __init__(
+        self,
+        job: Job,
+        initial: Tensors,
+        started_at: float,
+        worker_timeout_s: float,
+        buffers: Collection[str] = (),
+    ):
         self.job = job
         self.strategy = job.spec.strategy
         self.model: Tensors = {name: np.array(a) for name, a in initial.items()}
+        # Tensors that are statistics, not weights (the model's buffers, and any integer tensor,
+        # which cannot be a parameter): set from the updates' values, never moved by a delta.
+        self.buffers = frozenset(buffers) | {n for n, a in self.model.items() if not is_averaged(a)}
         self.version = 0
         self.round = 0 if self.strategy.name == "fedavg" else None
         self.started_at = started_at
@@ -176,6 +187,12 @@ class JobState:
 
     def offer(self, update: Update, now: float) -> Outcome:
         """Validate an update and fold it in; may complete a new version."""
+        # Finite updates can still overflow the model to Inf: the service checks every new
+        # version and ends the job as diverged, so numpy's warning would only repeat that.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._offer(update, now)
+
+    def _offer(self, update: Update, now: float) -> Outcome:
         rejection = self._check(update)
         norm: float | None = None
         if rejection is None and self.strategy.max_update_norm_ratio is not None:
@@ -229,13 +246,16 @@ class JobState:
         return None
 
     def _change_norm(self, update: Update) -> float:
-        """L2 norm, in float64, of what the update would change in floating-point tensors."""
+        """L2 norm, in float64, of what the update would change in floating-point tensors.
+
+        Weights and buffers are values, measured against the global model; deltas are changes.
+        """
         total = 0.0
         for name, array in update.tensors.items():
             if not is_averaged(array):
                 continue
             change = array.astype(np.float64).ravel()
-            if self.update_kind == "weights":
+            if self.update_kind == "weights" or name in self.buffers:
                 change -= self.model[name].ravel()
             total += float(np.dot(change, change))
         return math.sqrt(total)
@@ -278,7 +298,8 @@ class JobState:
             return self._advance(now)
         if name == "fedbuff" and self._buffer.count >= self.strategy.buffer_size:
             self.model = cast_like(
-                fedbuff_step(self.model, self._buffer, self.strategy.server_lr), self.model
+                fedbuff_step(self.model, self._buffer, self.strategy.server_lr, self.buffers),
+                self.model,
             )
             return self._advance(now)
         if name == "fedavg" and self._round_complete(now):
@@ -300,7 +321,8 @@ class JobState:
         """Close a synchronous round whose deadline passed with enough updates; else None."""
         if self.strategy.name != "fedavg" or not self._round_complete(now):
             return None
-        self.model = cast_like(self._buffer.mean(), self.model)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.model = cast_like(self._buffer.mean(), self.model)
         return self._advance(now)
 
     def _advance(self, now: float) -> int:

@@ -149,6 +149,11 @@ def render(status: dict[str, Any]) -> str:
         f"jobs finished  {_fmt(status.get('jobs_done'))} by this process, "
         f"{_fmt(status.get('finished_jobs'))} in its state dir",
     ]
+    # A job that cannot progress (docs/monitoring.md#jobs-that-cannot-progress).
+    if status.get("stalled"):
+        lines.append(f"STALLED        {status.get('stall_reason')}")
+    if status.get("evaluations_nonfinite"):
+        lines.append(f"evaluations    {status['evaluations_nonfinite']} not finite (left out)")
     if "updates_ready" in status:
         lines.append(
             f"backlog        {status['updates_ready']} updates ready, "

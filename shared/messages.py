@@ -100,12 +100,24 @@ Message = Job | GlobalModel | Task | Update | Hello
 # ---------------------------------------------------------------- encoding
 
 
+def _finite_metrics(metrics: dict[str, float], owner: str) -> dict[str, float]:
+    """The metrics to encode; a NaN or Inf is refused here, at the sender, since every receiver
+    would reject the message for it (a task with a NaN model loss reached no worker)."""
+    for key, number in metrics.items():
+        if not math.isfinite(number):
+            raise FieldError(
+                f"{owner} metric {key!r} is {number!r}: metrics must be finite; not encoded",
+                reason="not_finite",
+            )
+    return dict(metrics)
+
+
 def _model_body(model: GlobalModel) -> dict[str, Any]:
     return {
         "job_id": model.job_id,
         "version": model.version,
         "model": to_dict(model.model),
-        "metrics": dict(model.metrics),
+        "metrics": _finite_metrics(model.metrics, "global model"),
         "tensors": encode_tensors(model.tensors),
     }
 
@@ -136,7 +148,7 @@ def _body(message: Message) -> tuple[str, dict[str, Any]]:
             "round": message.round,
             "kind": message.kind,
             "num_samples": message.num_samples,
-            "metrics": dict(message.metrics),
+            "metrics": _finite_metrics(message.metrics, "update"),
             "sent_at": message.sent_at,
             "tensors": encode_tensors(message.tensors),
         }
@@ -304,7 +316,9 @@ def _time(body: dict[str, Any], key: str) -> float:
     return value
 
 
-def _metrics(body: dict[str, Any]) -> dict[str, float]:
+def _metrics(body: dict[str, Any], owner: str) -> dict[str, float]:
+    """The metrics map of an update or a global model; `owner` names which in errors, so that a
+    worker refusing a task says the task's model metrics are bad, not its own training."""
     value = _field(body, "metrics", (dict,))
     if len(value) > MAX_METRICS:
         raise FieldError(f"at most {MAX_METRICS} metrics")
@@ -314,7 +328,7 @@ def _metrics(body: dict[str, Any]) -> dict[str, float]:
             raise FieldError("metrics must map names of 1-64 characters to numbers")
         # A NaN loss would poison averages and write invalid JSON into the run history.
         if not math.isfinite(number):
-            raise FieldError(f"metric {key!r} is not finite", reason="not_finite")
+            raise FieldError(f"{owner} metric {key!r} is not finite", reason="not_finite")
         out[key] = float(number)
     return out
 
@@ -322,11 +336,12 @@ def _metrics(body: dict[str, Any]) -> dict[str, float]:
 def _decode_model(body: Any) -> GlobalModel:
     if not isinstance(body, dict):
         raise FieldError("field 'model' must be a map")
+    version = _count(body, "version")
     return GlobalModel(
         job_id=_id(body, "job_id"),
-        version=_count(body, "version"),
+        version=version,
         model=from_dict(ModelSpec, _field(body, "model", (dict,)), prefix="model."),
-        metrics=_metrics(body),
+        metrics=_metrics(body, f"the global model's (version {version}, from the aggregator)"),
         tensors=decode_tensors(_field(body, "tensors", (list,))),
     )
 
@@ -349,7 +364,7 @@ def _decode_update(body: dict[str, Any]) -> Update:
         round=_count(body, "round", nullable=True),
         kind=kind,
         num_samples=num_samples,
-        metrics=_metrics(body),
+        metrics=_metrics(body, "update"),
         sent_at=_time(body, "sent_at"),
         tensors=decode_tensors(_field(body, "tensors", (list,))),
     )

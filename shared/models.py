@@ -214,6 +214,15 @@ def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     }
 
 
+def buffer_names(model: nn.Module) -> frozenset[str]:
+    """The state_dict entries that are not parameters: buffers such as BatchNorm's running_mean,
+    running_var and num_batches_tracked. A delta update carries their values, not differences
+    (docs/protocol.md, section 5.1), and the aggregator sets them rather than moving them.
+    """
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return frozenset(name for name in model.state_dict() if name not in parameters)
+
+
 def load_numpy_state(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:
     """Copy arrays into the model's parameters and buffers in place; all-or-nothing.
 

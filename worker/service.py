@@ -18,7 +18,7 @@ from broker.transport import Delivery, Transport
 from shared.errors import ProtocolError
 from shared.jobs import ModelSpec
 from shared.messages import Hello, Task, Update, decode_message, encode_message
-from shared.models import build_model, load_numpy_state, state_to_numpy
+from shared.models import buffer_names, build_model, load_numpy_state, state_to_numpy
 from shared.ops import Health
 from shared.tensors import Tensors
 from worker.metrics import WorkerMetrics
@@ -241,7 +241,10 @@ class WorkerService:
             self._stopped.wait((self.settings.slowdown - 1) * (time.perf_counter() - started))
         cycle.marks["train"] = time.perf_counter()
         trained = state_to_numpy(model)
-        tensors = _delta(trained, task.model.tensors) if task.training.send == "delta" else trained
+        if task.training.send == "delta":
+            tensors = _delta(trained, task.model.tensors, buffer_names(model))
+        else:
+            tensors = trained
         cycle.marks["extract"] = time.perf_counter()
         metrics["duration_s"] = cycle.marks["extract"] - started
         self.metrics.training_duration.observe(metrics["duration_s"])
@@ -307,9 +310,13 @@ class WorkerService:
         self._last_hello = self.clock()
 
 
-def _delta(trained: Tensors, base: Tensors) -> Tensors:
-    """trained - base for floating tensors; integer buffers travel as values, not differences."""
+def _delta(trained: Tensors, base: Tensors, buffers: frozenset[str]) -> Tensors:
+    """trained - base for the parameters; buffers (BatchNorm statistics, counters) and any
+    non-floating tensor travel as their trained values, not differences (docs/protocol.md 5.1).
+    """
     return {
-        name: (a - base[name]).astype(a.dtype, copy=False) if a.dtype.kind == "f" else a
+        name: (a - base[name]).astype(a.dtype, copy=False)
+        if a.dtype.kind == "f" and name not in buffers
+        else a
         for name, a in trained.items()
     }

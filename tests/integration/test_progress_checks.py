@@ -1,0 +1,193 @@
+"""A job that cannot progress is visible and ends: a non-finite model ends the job as `diverged`,
+a non-finite evaluation is counted and kept out of tasks, a job without new versions is stalled."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from batchnorm_model import REFERENCE
+from memory_job import JOB_ID, TOPOLOGY, broker_with_job, fedbuff_spec, read_history, send_delta
+from prometheus_client import CollectorRegistry
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from aggregator.status import render
+from broker import MemoryBroker, MemoryTransport
+from broker.topology import UPDATE_ROUTING_KEY
+from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
+from shared.messages import Job, Task, Update, decode_message, encode_message
+from shared.models import build_model, state_to_numpy
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _aggregator(
+    memory: MemoryBroker, state_dir: Path, clock: FakeClock | None = None, **settings: object
+) -> tuple[AggregatorService, CollectorRegistry]:
+    registry = CollectorRegistry()
+    service = AggregatorService(
+        MemoryTransport(memory, TOPOLOGY),
+        AggregatorSettings(broker="memory", state_dir=str(state_dir), **settings),  # type: ignore[arg-type]
+        AggregatorMetrics(registry),
+        **({"clock": clock} if clock is not None else {}),
+    )
+    service.transport.declare()
+    service.transport.subscribe(TOPOLOGY.jobs)
+    service.transport.subscribe(TOPOLOGY.updates)
+    return service, registry
+
+
+def _tasks_sent(memory: MemoryBroker, worker_id: str = "w0") -> list[Task]:
+    """Every task waiting in a worker's queue, decoded (the worker's own decoder checks them)."""
+    reader = MemoryTransport(memory, TOPOLOGY)
+    reader.subscribe(TOPOLOGY.task_queue(worker_id))
+    tasks = []
+    while (delivery := reader.receive(0)) is not None:
+        message = decode_message(delivery.body)
+        assert isinstance(message, Task)
+        tasks.append(message)
+        reader.ack(delivery)
+    return tasks
+
+
+def test_a_global_model_that_overflows_to_inf_ends_the_job_as_diverged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory, sender = broker_with_job(fedbuff_spec(buffer_size=2, max_versions=10))
+    service, registry = _aggregator(memory, tmp_path)
+    service.run_until_idle()
+
+    # Finite updates whose sum overflows float32: the new version holds Inf.
+    with caplog.at_level(logging.WARNING, logger="aggregator.service"):
+        send_delta(sender, "u1", 0, 3e38)
+        send_delta(sender, "u2", 0, 3e38)
+        service.run_until_idle()
+
+    run = tmp_path / "jobs" / JOB_ID
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "diverged"
+    assert summary["versions"] == 1
+    assert [h["version"] for h in read_history(tmp_path)] == [0, 1]
+    assert (run / "model.safetensors").exists()
+    assert service.jobs_done == 1 and service.status()["state"] == "idle"
+    assert registry.get_sample_value("fedq_aggregator_models_nonfinite_total") == 1
+    assert registry.get_sample_value("fedq_aggregator_evaluations_nonfinite_total") == 0
+    diverged = [r for r in caplog.records if "diverged" in r.message]
+    assert len(diverged) == 1 and "holds NaN or Inf" in diverged[0].message
+    # No task ever carried the diverged model.
+    tasks = _tasks_sent(memory)
+    assert tasks and all(t.version == 0 for t in tasks)
+
+
+def _bn_spec() -> JobSpec:
+    return JobSpec(
+        name="t",
+        model=ModelSpec(REFERENCE, (1, 8, 8), 10),
+        dataset="digits",
+        strategy=StrategyConfig(name="fedavg"),
+        stop=StopConfig(max_versions=5),
+    )
+
+
+def test_a_nan_evaluation_is_counted_and_left_out_of_the_history_and_the_next_task(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = _bn_spec()
+    memory, sender = broker_with_job(spec)
+    service, registry = _aggregator(memory, tmp_path)
+    service.run_until_idle()
+    # A worker whose BatchNorm variances are negative: finite, so accepted, but the evaluation
+    # of the mean (a negative variance) is NaN.
+    tensors = state_to_numpy(build_model(spec.model, seed=1))
+    for name in tensors:
+        if name.endswith("running_var"):
+            tensors[name] = np.full_like(tensors[name], -1.0)
+    update = Update(JOB_ID, "u1", "w0", "t", 0, 0, "weights", 10, tensors, {"loss": 1.0}, 0.0)
+
+    with caplog.at_level(logging.WARNING, logger="aggregator.service"):
+        sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
+        service.run_until_idle()
+
+    history = read_history(tmp_path)
+    assert [h["version"] for h in history] == [0, 1]
+    assert history[1]["accuracy"] is None and history[1]["loss"] is None
+    assert math.isfinite(history[0]["loss"])
+    assert registry.get_sample_value("fedq_aggregator_evaluations_nonfinite_total") == 1
+    assert service.status()["evaluations_nonfinite"] == 1
+    assert any("evaluating version 1 gave" in r.message for r in caplog.records)
+    # The task of version 1 went out, with the last finite figures (version 0's).
+    tasks = _tasks_sent(memory)
+    assert [t.version for t in tasks] == [0, 1]
+    assert tasks[1].model.metrics["loss"] == pytest.approx(history[0]["loss"])
+
+
+def test_a_job_with_no_new_version_for_stall_after_s_is_stalled_until_one_comes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    memory, sender = broker_with_job(fedbuff_spec(buffer_size=2, max_versions=10))
+    service, registry = _aggregator(memory, tmp_path, clock, stall_after_s=100.0)
+    service.run_until_idle()
+    clock.now += 99
+    service.run_until_idle()
+    assert service.status()["stalled"] is False
+
+    with caplog.at_level(logging.WARNING, logger="aggregator.service"):
+        clock.now += 2
+        service.run_until_idle()
+        clock.now += 50
+        service.run_until_idle()
+
+    status = service.status()
+    assert status["stalled"] is True
+    assert "no new version for 101 s (limit 100 s) at version 0" in status["stall_reason"]
+    assert registry.get_sample_value("fedq_aggregator_job_stalled") == 1
+    stalled = [r for r in caplog.records if "stalled" in r.message]
+    assert len(stalled) == 1 and stalled[0].levelno == logging.WARNING
+
+    send_delta(sender, "u1", 0, 0.01)
+    send_delta(sender, "u2", 0, 0.01)
+    service.run_until_idle()
+
+    assert service.status()["stalled"] is False and service.status()["stall_reason"] is None
+    assert registry.get_sample_value("fedq_aggregator_job_stalled") == 0
+
+
+def test_a_job_is_stalled_after_five_minutes_or_three_round_deadlines_by_default(
+    tmp_path: Path,
+) -> None:
+    service, _ = _aggregator(MemoryBroker(), tmp_path)
+    short = JobSpec(strategy=StrategyConfig(round_deadline_s=60.0))
+    long = JobSpec(strategy=StrategyConfig(round_deadline_s=600.0))
+
+    assert service.stall_after(Job("a", short)) == 300.0
+    assert service.stall_after(Job("b", long)) == 1800.0
+
+
+def test_fedq_status_shows_a_stalled_job_and_its_reason(tmp_path: Path) -> None:
+    clock = FakeClock()
+    memory, _ = broker_with_job(fedbuff_spec(buffer_size=2, max_versions=10))
+    service, _ = _aggregator(memory, tmp_path, clock, stall_after_s=10.0)
+    service.run_until_idle()
+    clock.now += 11
+    service.run_until_idle()
+
+    text = render(service.status())
+
+    assert "STALLED        no new version for 11 s (limit 10 s) at version 0" in text
