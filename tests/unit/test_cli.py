@@ -163,7 +163,7 @@ def test_fedq_run_flags_override_a_job_file_and_keep_the_rest_of_it() -> None:
     assert spec.training.momentum == 0.9
 
 
-def test_a_job_file_s_model_shape_gives_way_to_the_data_set_s() -> None:
+def test_a_job_file_that_leaves_the_model_shape_out_takes_the_data_set_s() -> None:
     spec = job_spec(parse_args(["--job", FEDBUFF_JOB, "--dataset", "digits"]))
 
     assert (spec.model.name, spec.model.input_shape, spec.model.num_classes) == (
@@ -171,6 +171,21 @@ def test_a_job_file_s_model_shape_gives_way_to_the_data_set_s() -> None:
         (1, 8, 8),
         10,
     )
+
+
+def test_a_job_file_s_own_model_shape_is_kept_and_checked_against_the_data(
+    tmp_path: Path,
+) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("[model]\nname = 'mlp'\ninput_shape = [1, 8, 8]\nnum_classes = 12\n")
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[model]\nname = 'mlp'\ninput_shape = [1, 28, 28]\n")
+
+    spec = job_spec(parse_args(["--job", str(job), "--dataset", "digits"]))
+
+    assert (spec.model.input_shape, spec.model.num_classes) == ((1, 8, 8), 12)
+    with pytest.raises(RegistryError, match=re.escape("does not take the data set's examples")):
+        job_spec(parse_args(["--job", str(wrong), "--dataset", "digits"]))
 
 
 def test_a_flag_value_outside_its_range_is_a_config_error() -> None:

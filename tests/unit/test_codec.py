@@ -581,7 +581,9 @@ def test_a_job_with_an_invalid_spec_is_a_bad_field(spec: Any) -> None:
 
 def sample_task() -> Task:
     update = sample_update()
-    model = GlobalModel("job-1", 3, ModelSpec(), update.tensors, {"accuracy": 0.9})
+    model = GlobalModel(
+        "job-1", 3, ModelSpec("cnn", (1, 28, 28), 10), update.tensors, {"accuracy": 0.9}
+    )
     return Task("job-1", "t7", "w1", 3, TrainingConfig(), model, issued_at=1.0)
 
 
