@@ -64,8 +64,10 @@ class _Running:
     time_to_target_s: float | None = None
     bytes_received: int = 0
     bytes_sent: int = 0
-    # A stop reason the service decided on (an operator's cancel), ahead of the stop rules.
+    # A stop reason the service decided on (an operator's cancel), ahead of the stop rules,
+    # and what job-outcomes.jsonl says about it.
     stop_requested: str | None = None
+    stop_detail: str = ""
 
 
 class AggregatorService:
@@ -341,6 +343,7 @@ class AggregatorService:
         if running is not None and running.job.job_id == cancel.job_id:
             logger.info("job %s cancelled at version %d", cancel.job_id, running.state.version)
             running.stop_requested = CANCELLED
+            running.stop_detail = f"cancelled at version {running.state.version}"
             self._finish(running)
             self.transport.ack(delivery)
             return
@@ -587,7 +590,7 @@ class AggregatorService:
         # Updates folded into the buffer after the last version will never be in a version.
         self._checkpoint(running)
         self.transport.ack(running.delivery)
-        self._outcomes.record(running.job.job_id, reason)
+        self._outcomes.record(running.job.job_id, reason, running.stop_detail)
         self._job = None
         self.jobs_done += 1
         self.metrics.job_running.set(0)
