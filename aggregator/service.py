@@ -589,8 +589,9 @@ class AggregatorService:
         running.output.write_summary(summary)
         # Updates folded into the buffer after the last version will never be in a version.
         self._checkpoint(running)
-        self.transport.ack(running.delivery)
+        # Recorded before the ack: a crash between the two finds the summary at the redelivery.
         self._outcomes.record(running.job.job_id, reason, running.stop_detail)
+        self.transport.ack(running.delivery)
         self._job = None
         self.jobs_done += 1
         self.metrics.job_running.set(0)
