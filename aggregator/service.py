@@ -360,6 +360,13 @@ class AggregatorService:
         self.transport.reject(delivery, reason, detail)
 
     def _start(self, job: Job, delivery: Delivery) -> None:
+        ended = self._outcomes.get(job.job_id)
+        if ended is not None and ended.outcome == CANCELLED:
+            # Cancelled while queued, and redelivered because a crash took the ack away.
+            logger.info("job %s was cancelled; acknowledging it", job.job_id)
+            self.jobs_done += 1
+            self.transport.ack(delivery)
+            return
         output_dir = self._output_dir(job.job_id)
         summary_path = output_dir / "summary.json"
         if summary_path.exists():

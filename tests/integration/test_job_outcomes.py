@@ -143,6 +143,27 @@ def test_cancelling_a_queued_job_ends_it_cancelled_without_training(
 
 
 @pytest.mark.timeout(60)
+def test_a_cancelled_job_delivered_again_is_acknowledged_without_running(
+    memory: MemoryBroker, tmp_path: Path
+) -> None:
+    aggregator = _aggregator(memory, tmp_path)
+    _publish(memory, Job("first", _spec()))
+    _publish(memory, Job("second", _spec()))
+    aggregator.run_until_idle()
+    _publish(memory, Cancel("second"))
+    aggregator.run_until_idle()
+
+    # What a crash between recording the cancel and acking the job would redeliver.
+    _publish(memory, Job("second", _spec()))
+    _publish(memory, Cancel("first"))
+    aggregator.run_until_idle()
+
+    assert aggregator._job is None and aggregator.jobs_done == 3
+    assert not (tmp_path / "jobs" / "second").exists()
+    assert memory.depth(TOPOLOGY.jobs) == 0
+
+
+@pytest.mark.timeout(60)
 def test_a_cancel_for_an_ended_or_unknown_job_is_dead_lettered_with_its_reason(
     memory: MemoryBroker, tmp_path: Path
 ) -> None:
