@@ -19,11 +19,12 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import Topology, connect
 from broker.topology import JOB_ROUTING_KEY
-from shared.errors import FedqError
+from shared.errors import ConfigError, FedqError
 from shared.jobs import JobSpec, load_job_file
-from shared.messages import ID_PATTERN, Job, encode_message
+from shared.messages import ID_PATTERN, Cancel, Job, Message, encode_message
 from shared.ops import Health, Operations
 from shared.settings import load_settings, masked
+from shared.shapes import check_job
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -82,34 +83,96 @@ def aggregator_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        default=os.environ.get("FEDQ_BROKER", "amqp://guest:guest@localhost:5672/"),
+        help="amqp://user:pass@host:5672/vhost (default $FEDQ_BROKER)",
+    )
+    parser.add_argument("--prefix", default=os.environ.get("FEDQ_PREFIX", "fedq"))
+
+
+def _require_amqp(url: str) -> None:
+    # connect() also takes "memory", which only exists inside one `fedq run` process.
+    if not url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(
+            f"--broker takes the amqp:// or amqps:// URL of the broker the aggregator uses, "
+            f"not {url!r}"
+        )
+
+
 def submit_main(argv: Sequence[str] | None = None) -> int:
     """Put a job from a TOML file on the job queue and print its id."""
     parser = argparse.ArgumentParser(prog="fedq submit")
     parser.add_argument("job_file", help="job TOML file (see docs/usage.md#job-files)")
-    parser.add_argument(
-        "--broker", default=os.environ.get("FEDQ_BROKER", "amqp://guest:guest@localhost:5672/")
-    )
-    parser.add_argument("--prefix", default=os.environ.get("FEDQ_PREFIX", "fedq"))
+    _add_broker_arguments(parser)
     parser.add_argument("--job-id", dest="job_id", help="default: a new unique id")
+    parser.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="publish without building the model on the evaluation data here first",
+    )
     args = parser.parse_args(argv)
     spec = load_job_file(args.job_file)
     job_id = args.job_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
+    if not ID_PATTERN.match(job_id):
+        raise FedqError(f"invalid job id {job_id!r}")
+    _require_amqp(args.broker)
+    if args.check:
+        check_job_here(spec)
     submit_job(args.broker, args.prefix, job_id, spec)
     print(job_id)
     return 0
+
+
+def check_job_here(spec: JobSpec) -> None:
+    """Load the job's data set and build its model on it, on this machine; ConfigError if not."""
+    try:
+        check_job(spec)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e}\nNothing was published. A job whose model or data set exists only where the "
+            "aggregator runs can be submitted with --no-check."
+        ) from e
 
 
 def submit_job(broker: str, prefix: str, job_id: str, spec: JobSpec) -> None:
     """Publish one job on the job queue (declaring the topology if it is missing)."""
     if not ID_PATTERN.match(job_id):
         raise FedqError(f"invalid job id {job_id!r}")
+    publish_to_jobs(broker, prefix, Job(job_id, spec))
+
+
+def publish_to_jobs(broker: str, prefix: str, message: Message, declare: bool = True) -> None:
+    """Publish a job or a cancel to the jobs exchange (declaring the topology first, or not)."""
     transport = connect(broker, Topology(prefix))
     try:
-        transport.declare()
-        body = encode_message(Job(job_id, spec))
-        transport.publish(transport.topology.jobs, JOB_ROUTING_KEY, body)
+        if declare:
+            transport.declare()
+        transport.publish(transport.topology.jobs, JOB_ROUTING_KEY, encode_message(message))
     finally:
         transport.close()
+
+
+def cancel_main(argv: Sequence[str] | None = None) -> int:
+    """Ask the aggregator to end a running or queued job (stop reason `cancelled`)."""
+    parser = argparse.ArgumentParser(
+        prog="fedq cancel",
+        description="End a running or queued job: it stops with reason `cancelled`, its run "
+        "directory complete. Needs an account that may submit jobs.",
+    )
+    parser.add_argument("job_id", metavar="JOB", help="the job id `fedq submit` printed")
+    _add_broker_arguments(parser)
+    args = parser.parse_args(argv)
+    if not ID_PATTERN.match(args.job_id):
+        raise FedqError(f"invalid job id {args.job_id!r}")
+    _require_amqp(args.broker)
+    # No declaration: there is nothing to cancel without the topology, and an operator's account
+    # may be allowed to write the jobs exchange without being allowed to configure.
+    publish_to_jobs(args.broker, args.prefix, Cancel(args.job_id), declare=False)
+    print(f"cancel of {args.job_id} sent; `fedq status` shows when the job has ended")
+    return 0
 
 
 COMMANDS = {
@@ -117,6 +180,7 @@ COMMANDS = {
     "aggregator": "run the aggregator service",
     "worker": "run a worker service",
     "submit": "put a job on the job queue",
+    "cancel": "end a running or queued job (reason cancelled)",
     "broker": "least-privilege broker users: add-worker NAME",
     "status": "show the aggregator's job, version, accuracy, workers and backlog",
     "report": "draw a run directory's accuracy and staleness as a PNG",
@@ -155,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from aggregator.report import report_main
 
             return report_main(rest)
+        if command == "cancel":
+            return cancel_main(rest)
         return submit_main(rest)
     except FedqError as e:
         print(f"fedq {command}: {e}", file=sys.stderr)

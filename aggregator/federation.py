@@ -28,17 +28,16 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology, connect
-from shared.datasets import dataset_shape, load_dataset
+from shared.datasets import load_dataset
 from shared.errors import ConfigError
 from shared.jobs import (
     JobSpec,
-    ModelSpec,
     StopConfig,
     StrategyConfig,
     TrainingConfig,
     load_job_file,
 )
-from shared.models import build_model
+from shared.shapes import check_model_takes_data, complete_model
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +87,11 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
         )
     )
     dataset = args.dataset or spec.dataset
-    shape, classes = dataset_shape(load_dataset(dataset, "test"))
-    model = ModelSpec(args.model or spec.model.name, tuple(shape), classes)
-    build_model(model)  # fail here, with the registry's message, rather than in a service
+    # The job's input shape and classes, else the data's (shared.shapes, as submit and the
+    # aggregator do); checked on the data here, with the registry's message, not in a service.
+    data = load_dataset(dataset, "test")
+    model = complete_model(replace(spec.model, name=args.model or spec.model.name), data)
+    check_model_takes_data(model, data)
     strategy = _with(
         spec.strategy,
         StrategyConfig,

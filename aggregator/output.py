@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as safetensors_save
 
+from shared.ops import json_text
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a partial one."""
@@ -39,12 +41,12 @@ class RunDirectory:
         """Append one version's record to history.jsonl (a file handle per line: versions are
         seconds apart, and nothing stays open for a crash to leave half-written)."""
         with open(self.path / "history.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(json_text(record, sort_keys=True) + "\n")
 
     def append_rejection(self, record: Mapping[str, Any]) -> None:
         """Record one rejected update with its reason in rejections.jsonl."""
         with open(self.path / "rejections.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(json_text(record, sort_keys=True) + "\n")
 
     def truncate_history(self, max_version: int) -> None:
         """Drop history lines of versions after max_version (written after the last checkpoint)."""
@@ -68,8 +70,8 @@ class RunDirectory:
         return int(json.loads(whole[-1])["version"]) if whole else None
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Write summary.json atomically."""
-        write_atomic(self.path / "summary.json", json.dumps(summary, indent=2).encode() + b"\n")
+        """Write summary.json atomically (NaN or infinite figures as null: it stays JSON)."""
+        write_atomic(self.path / "summary.json", json_text(summary, indent=2).encode() + b"\n")
 
     def write_model(self, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
         """Write the model as model.safetensors (names in state_dict order), atomically."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -15,6 +16,7 @@ from typing import Any
 from aggregator.checkpoint import CheckpointStore
 from aggregator.evaluation import BackgroundEvaluator, Evaluation, Evaluator
 from aggregator.metrics import AggregatorMetrics
+from aggregator.outcomes import CANCELLED, JobOutcomes
 from aggregator.output import RunDirectory
 from aggregator.settings import AggregatorSettings
 from aggregator.state import Accepted, JobState
@@ -23,9 +25,19 @@ from broker.transport import Delivery, Transport
 from shared.chunks import Reassembler
 from shared.errors import ProtocolError, TransportError
 from shared.jobs import TrainingConfig, to_dict
-from shared.messages import GlobalModel, Hello, Job, Task, Update, decode_message, encode_message
+from shared.messages import (
+    Cancel,
+    GlobalModel,
+    Hello,
+    Job,
+    Task,
+    Update,
+    decode_message,
+    encode_message,
+)
 from shared.models import buffer_names, build_model, state_to_numpy
 from shared.ops import Health
+from shared.shapes import complete_job
 from shared.tensors import first_nonfinite
 
 logger = logging.getLogger(__name__)
@@ -66,6 +78,10 @@ class _Running:
     stalled: str | None = None
     diverged: str | None = None
     evaluations_nonfinite: int = 0
+    # A stop reason the service decided on (an operator's cancel), ahead of the stop rules,
+    # and what job-outcomes.jsonl says about it.
+    stop_requested: str | None = None
+    stop_detail: str = ""
 
 
 class AggregatorService:
@@ -101,8 +117,7 @@ class AggregatorService:
         self._job: _Running | None = None
         self._queued_jobs: deque[tuple[Job, Delivery]] = deque()
         # Durable, so that a restarted aggregator rejects late updates as job_finished.
-        self._finished_path = Path(settings.state_dir) / "finished-jobs.txt"
-        self._finished_jobs: set[str] = _read_lines(self._finished_path)
+        self._outcomes = JobOutcomes(Path(settings.state_dir))
         self._known_workers: dict[str, tuple[float, int]] = {}
         self.jobs_done = 0
 
@@ -198,7 +213,9 @@ class AggregatorService:
             "queued_jobs": len(queued),
             "queued_job_ids": queued,
             "jobs_done": self.jobs_done,
-            "finished_jobs": len(self._finished_jobs),
+            # Ended jobs of the state dir: how many finished, failed and were cancelled.
+            "jobs_ended": self._outcomes.counts(),
+            "failed_jobs": self._outcomes.failed(),
         }
         if running is not None:
             state, spec = running.state, running.job.spec
@@ -237,9 +254,15 @@ class AggregatorService:
             logger.warning("rejecting a message from %s: %s", delivery.queue, e)
             self.transport.reject(delivery, e.reason, str(e))
             return
-        if isinstance(message, Job):
+        if isinstance(message, (Job, Cancel)) and delivery.queue != self.transport.topology.jobs:
+            # Only accounts allowed to write the jobs exchange may submit or cancel jobs.
+            logger.warning("rejecting a %s from %s", type(message).__name__, delivery.queue)
+            self.transport.reject(delivery, "unexpected_type", f"not on {delivery.queue}")
+        elif isinstance(message, Job):
             logger.info("job %s queued (%s)", message.job_id, message.spec.strategy.name)
             self._queued_jobs.append((message, delivery))
+        elif isinstance(message, Cancel):
+            self._on_cancel(message, delivery)
         elif isinstance(message, Hello):
             self._on_hello(message)
             self.transport.ack(delivery)
@@ -265,9 +288,22 @@ class AggregatorService:
             return
         running = self._job
         if running is None or update.job_id != running.job.job_id:
-            reason = "job_finished" if update.job_id in self._finished_jobs else "unknown_job"
+            ended = self._outcomes.get(update.job_id)
+            reason = "unknown_job" if ended is None else "job_finished"
+            detail = f"job {update.job_id!r} is not running"
             logger.warning("rejecting update %s: %s", update.update_id, reason)
-            self.transport.reject(delivery, reason, f"job {update.job_id!r} is not running")
+            if ended is not None:
+                # Stragglers of an ended job are accounted for in its run directory too.
+                detail = f"job {update.job_id!r} ended ({ended.stop_reason}) before it came"
+                RunDirectory(self._output_dir(update.job_id)).append_rejection(
+                    {
+                        "update_id": update.update_id,
+                        "worker_id": update.worker_id,
+                        "reason": reason,
+                        "detail": detail,
+                    }
+                )
+            self.transport.reject(delivery, reason, detail)
             return
         running.bytes_received += len(delivery.body)
         self.metrics.bytes_received.inc(len(delivery.body))
@@ -310,9 +346,7 @@ class AggregatorService:
                     logger.exception("job %s cannot start", job.job_id)
                     self._job = None
                     self.metrics.job_running.set(0)
-                    self._mark_finished(job.job_id)
-                    self.jobs_done += 1
-                    self.transport.reject(delivery, "bad_job", f"{type(e).__name__}: {e}")
+                    self._end_unstarted(job, delivery, "bad_job", f"{type(e).__name__}: {e}")
             return
         self._apply_evaluations(running, running.evaluator.poll())
         now = self.clock()
@@ -329,26 +363,61 @@ class AggregatorService:
         if self._job is not None:
             self._dispatch(running)
 
-    def _mark_finished(self, job_id: str) -> None:
-        if job_id in self._finished_jobs:
+    def _output_dir(self, job_id: str) -> Path:
+        return Path(self.settings.output_dir or Path(self.settings.state_dir) / "jobs" / job_id)
+
+    def _end_unstarted(self, job: Job, delivery: Delivery, reason: str, detail: str) -> None:
+        """End a job that never ran: record its outcome, then settle its message."""
+        self._outcomes.record(job.job_id, reason, detail)
+        self.jobs_done += 1
+        if reason == CANCELLED:
+            self.transport.ack(delivery)
+        else:
+            self.transport.reject(delivery, reason, detail)
+
+    def _on_cancel(self, cancel: Cancel, delivery: Delivery) -> None:
+        """End the job a cancel names, running or queued, as `cancelled`; then ack the cancel."""
+        running = self._job
+        if running is not None and running.job.job_id == cancel.job_id:
+            logger.info("job %s cancelled at version %d", cancel.job_id, running.state.version)
+            running.stop_requested = CANCELLED
+            running.stop_detail = f"cancelled at version {running.state.version}"
+            self._finish(running)
+            self.transport.ack(delivery)
             return
-        self._finished_jobs.add(job_id)
-        self._finished_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._finished_path, "a", encoding="utf-8") as fh:
-            fh.write(job_id + "\n")
+        for queued in list(self._queued_jobs):
+            if queued[0].job_id == cancel.job_id:
+                logger.info("job %s cancelled before it started", cancel.job_id)
+                self._queued_jobs.remove(queued)
+                self._end_unstarted(*queued, CANCELLED, "cancelled before it started")
+                self.transport.ack(delivery)
+                return
+        reason = "unknown_job" if cancel.job_id not in self._outcomes else "job_finished"
+        detail = f"cancel: job {cancel.job_id!r} is neither running nor queued"
+        logger.warning("rejecting a cancel: %s (%s)", detail, reason)
+        self.transport.reject(delivery, reason, detail)
 
     def _start(self, job: Job, delivery: Delivery) -> None:
-        spec = job.spec
-        output_dir = Path(
-            self.settings.output_dir or Path(self.settings.state_dir) / "jobs" / job.job_id
-        )
-        if (output_dir / "summary.json").exists():
-            # Finished before a crash took the ack away: finishing again would change nothing.
-            logger.info("job %s already finished; acknowledging it", job.job_id)
-            self._mark_finished(job.job_id)
+        ended = self._outcomes.get(job.job_id)
+        if ended is not None and ended.outcome == CANCELLED:
+            # Cancelled while queued, and redelivered because a crash took the ack away.
+            logger.info("job %s was cancelled; acknowledging it", job.job_id)
             self.jobs_done += 1
             self.transport.ack(delivery)
             return
+        output_dir = self._output_dir(job.job_id)
+        summary_path = output_dir / "summary.json"
+        if summary_path.exists():
+            # Finished before a crash took the ack away: finishing again would change nothing.
+            logger.info("job %s already finished; acknowledging it", job.job_id)
+            reason = json.loads(summary_path.read_text(encoding="utf-8"))["stop_reason"]
+            self._outcomes.record(job.job_id, reason)
+            self.jobs_done += 1
+            self.transport.ack(delivery)
+            return
+        # What the job leaves out of its model's shape comes from its evaluation data.
+        job = replace(job, spec=complete_job(job.spec))
+        spec = job.spec
         built = build_model(spec.model, seed=spec.seed)
         initial = state_to_numpy(built)
         evaluator = BackgroundEvaluator(
@@ -540,6 +609,8 @@ class AggregatorService:
             )
 
     def _stop_reason(self, running: _Running) -> str | None:
+        if running.stop_requested is not None:
+            return running.stop_requested
         stop = running.job.spec.stop
         state = running.state
         if running.diverged is not None:
@@ -582,8 +653,11 @@ class AggregatorService:
         running.output.write_summary(summary)
         # Updates folded into the buffer after the last version will never be in a version.
         self._checkpoint(running)
+        # Recorded before the ack: a crash between the two finds the summary at the redelivery.
+        self._outcomes.record(
+            running.job.job_id, reason, running.stop_detail or running.diverged or ""
+        )
         self.transport.ack(running.delivery)
-        self._mark_finished(running.job.job_id)
         self._job = None
         self.jobs_done += 1
         self.metrics.job_running.set(0)
@@ -716,10 +790,3 @@ def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
     running.bytes_received = int(figures["bytes_received"])
     running.bytes_sent = int(figures["bytes_sent"])
     running.last_evaluated = figures.get("last_evaluated")
-
-
-def _read_lines(path: Path) -> set[str]:
-    """The non-empty lines of a text file, or nothing if it does not exist."""
-    if not path.exists():
-        return set()
-    return {line for line in path.read_text(encoding="utf-8").splitlines() if line}

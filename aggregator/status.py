@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.topology import Topology
 from shared.errors import FedqError
+from shared.ops import finite, json_text
 
 # Metric name (as the parser gives samples) -> key in the status.
 _GAUGES = {
@@ -78,12 +79,11 @@ def aggregator_status(base_url: str) -> dict[str, Any]:
     except (OSError, ValueError):
         details = {}
     if isinstance(details, dict):
-        # /status knows the job ids; the metrics stay authoritative for the shared figures
-        # only where /status has none (an idle aggregator's last version, for one).
-        for key, value in details.items():
-            if value is not None or key not in out:
-                out[key] = value
-    return out
+        # /status speaks for the current job: an idle aggregator's null version and accuracy
+        # replace the gauges, which still hold the previous job's last values.
+        out |= details
+    # A NaN gauge (a diverged evaluation) is shown as unknown, and --json stays JSON.
+    return dict(finite(out))
 
 
 def broker_backlog(url: str, prefix: str) -> dict[str, Any]:
@@ -146,14 +146,17 @@ def render(status: dict[str, Any]) -> str:
         f"{_fmt(status.get('updates_rejected_total'), '.0f')} rejected (since start-up)",
         f"jobs queued    {_fmt(status.get('queued_jobs'))}"
         + (f": {', '.join(queued)}" if queued else ""),
-        f"jobs finished  {_fmt(status.get('jobs_done'))} by this process, "
-        f"{_fmt(status.get('finished_jobs'))} in its state dir",
+        f"jobs ended     {_fmt(status.get('jobs_done'))} by this process; in its state dir "
+        + _ended(status.get("jobs_ended")),
     ]
     # A job that cannot progress (docs/monitoring.md#jobs-that-cannot-progress).
     if status.get("stalled"):
         lines.append(f"STALLED        {status.get('stall_reason')}")
     if status.get("evaluations_nonfinite"):
         lines.append(f"evaluations    {status['evaluations_nonfinite']} not finite (left out)")
+    for failed in status.get("failed_jobs") or []:
+        detail = f" ({failed['detail']})" if failed.get("detail") else ""
+        lines.append(f"failed job     {failed['job_id']}: {failed['reason']}{detail}")
     if "updates_ready" in status:
         lines.append(
             f"backlog        {status['updates_ready']} updates ready, "
@@ -161,6 +164,12 @@ def render(status: dict[str, Any]) -> str:
             f"{status['jobs_ready']} jobs ready"
         )
     return "\n".join(lines)
+
+
+def _ended(counts: Any) -> str:
+    if not isinstance(counts, dict):
+        return "-"
+    return ", ".join(f"{counts.get(k, 0)} {k}" for k in ("finished", "failed", "cancelled"))
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:
@@ -180,5 +189,5 @@ def status_main(argv: Sequence[str] | None = None) -> int:
         if not args.broker.startswith(("amqp://", "amqps://")):
             raise FedqError("--broker takes an amqp:// or amqps:// URL")
         status |= broker_backlog(args.broker, args.prefix)
-    print(json.dumps(status, sort_keys=True) if args.json else render(status))
+    print(json_text(status, sort_keys=True) if args.json else render(status))
     return 0

@@ -417,7 +417,7 @@ class Accounts:
     routed: set[str]
     folded: Counter[str]
     rejected: dict[str, str]
-    late: set[str]  # rejected only on the dead queue: they came after the job ended
+    late: set[str]  # dead-lettered as job_finished: they came after the job ended
     dead_other: Counter[str]
     versions: int
     double_published: int
@@ -497,7 +497,9 @@ def account(
     rejected: dict[str, str] = {}
     for record in read_jsonl(run_dir / "rejections.jsonl"):
         rejected[record["update_id"]] = record["reason"]
-    late = set(dead) - set(rejected)
+    # Dead-lettered as job_finished: they came after the job ended (the run directory lists them
+    # too, with the updates left in a buffer at the end, which were never dead-lettered).
+    late = {update_id for update_id, reason in dead.items() if reason == "job_finished"}
     for update_id, reason in dead.items():
         rejected.setdefault(update_id, reason)
     return Accounts(

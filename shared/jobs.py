@@ -20,19 +20,29 @@ __all__ += ["load_job_file", "to_dict"]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which architecture to build: a registry name, the input shape and the number of classes."""
+    """Which architecture to build: a registry name, the input shape and the number of classes.
+
+    A job may leave input_shape empty and num_classes 0: they are then taken from its evaluation
+    data set when the job is built or arrives (shared.shapes.complete_job). A task's model, and
+    any model that is built, has both.
+    """
 
     name: str = "cnn"
-    input_shape: tuple[int, ...] = (1, 28, 28)
-    num_classes: int = 10
+    input_shape: tuple[int, ...] = ()
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name must not be empty")
         _require(
-            0 < len(self.input_shape) <= 8 and all(d >= 1 for d in self.input_shape),
-            "model.input_shape must be 1 to 8 positive sizes",
+            len(self.input_shape) <= 8 and all(d >= 1 for d in self.input_shape),
+            "model.input_shape must be empty (from the data) or 1 to 8 positive sizes",
         )
-        _require(self.num_classes >= 1, "model.num_classes must be >= 1")
+        _require(self.num_classes >= 0, "model.num_classes must be >= 1 (or 0: from the data)")
+
+    @property
+    def complete(self) -> bool:
+        """Whether both the input shape and the number of classes are given."""
+        return bool(self.input_shape) and self.num_classes >= 1
 
 
 @dataclass(frozen=True)

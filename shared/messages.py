@@ -1,4 +1,4 @@
-"""Wire messages (job, task, model, update, hello) and their msgpack codec with validation."""
+"""Wire messages (job, task, model, update, hello, cancel) and their msgpack codec, validated."""
 
 from __future__ import annotations
 
@@ -94,7 +94,15 @@ class Hello:
     sent_at: float = field(default_factory=time.time)
 
 
-Message = Job | GlobalModel | Task | Update | Hello
+@dataclass(frozen=True)
+class Cancel:
+    """An operator asking the aggregator to end a job, running or queued (reason `cancelled`)."""
+
+    job_id: str
+    sent_at: float = field(default_factory=time.time)
+
+
+Message = Job | GlobalModel | Task | Update | Hello | Cancel
 
 
 # ---------------------------------------------------------------- encoding
@@ -152,6 +160,8 @@ def _body(message: Message) -> tuple[str, dict[str, Any]]:
             "sent_at": message.sent_at,
             "tensors": encode_tensors(message.tensors),
         }
+    if isinstance(message, Cancel):
+        return "cancel", {"job_id": message.job_id, "sent_at": message.sent_at}
     if isinstance(message, Hello):
         return "hello", {
             "worker_id": message.worker_id,
@@ -337,10 +347,14 @@ def _decode_model(body: Any) -> GlobalModel:
     if not isinstance(body, dict):
         raise FieldError("field 'model' must be a map")
     version = _count(body, "version")
+    spec = from_dict(ModelSpec, _field(body, "model", (dict,)), prefix="model.")
+    if not spec.complete:
+        # Only a job may leave them to its data set; a model that is built has both.
+        raise FieldError("model.input_shape and model.num_classes must be given in a model")
     return GlobalModel(
         job_id=_id(body, "job_id"),
         version=version,
-        model=from_dict(ModelSpec, _field(body, "model", (dict,)), prefix="model."),
+        model=spec,
         metrics=_metrics(body, f"the global model's (version {version}, from the aggregator)"),
         tensors=decode_tensors(_field(body, "tensors", (list,))),
     )
@@ -391,6 +405,8 @@ def _decode_body(kind: str, body: dict[str, Any]) -> Message:
             spec=from_dict(JobSpec, _field(body, "spec", (dict,)), prefix="spec."),
             submitted_at=_time(body, "submitted_at"),
         )
+    if kind == "cancel":
+        return Cancel(job_id=_id(body, "job_id"), sent_at=_time(body, "sent_at"))
     if kind == "hello":
         return Hello(
             worker_id=_id(body, "worker_id"),

@@ -108,9 +108,11 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
     "package.module:function" where function(spec) returns an nn.Module. Raises RegistryError when
     the name cannot be resolved or the model cannot take the spec's input shape.
     """
-    if spec.num_classes < 1:
+    if not spec.complete:
         raise RegistryError(
-            f"model {spec.name!r}: num_classes must be >= 1, got {spec.num_classes}"
+            f"model {spec.name!r}: input_shape {list(spec.input_shape)} and num_classes "
+            f"{spec.num_classes} must both be given (a job leaves them to its data set; "
+            "shared.shapes.complete_job fills them in)"
         )
     if seed is None:
         return _build_unseeded(spec)

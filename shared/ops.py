@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -229,6 +230,22 @@ class _Supervisor:
 # ---------------------------------------------------------------------- HTTP
 
 
+def finite(value: Any) -> Any:
+    """value with every NaN or infinite float, at any depth, replaced by None (JSON null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """JSON text of value, non-finite floats as null: never the bare NaN that is not JSON."""
+    return json.dumps(finite(value), allow_nan=False, **options)
+
+
 # What GET /status answers (a JSON object); a service without one answers 404 there.
 StatusSource = Callable[[], Mapping[str, Any]]
 
@@ -257,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
             healthy, body = self.server.health.report(self.server.health_timeout_s)
             self._answer(200 if healthy else 503, "application/json", json.dumps(body).encode())
         elif path == "/status" and self.server.status is not None:
-            text = json.dumps(dict(self.server.status()), sort_keys=True)
+            text = json_text(dict(self.server.status()), sort_keys=True)
             self._answer(200, "application/json", text.encode())
         else:
             self._answer(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")

@@ -147,3 +147,36 @@ def test_status_rejects_a_broker_url_that_is_not_amqp(
     finally:
         server.close()
     assert idle["state"] == "idle" and idle["job_id"] is None and idle["queued_jobs"] == 0
+
+
+def test_an_idle_aggregator_shows_no_version_or_accuracy_of_its_previous_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = CollectorRegistry()
+    metrics = AggregatorMetrics(registry)
+    settings = AggregatorSettings(broker="memory", state_dir=str(tmp_path))
+    service = AggregatorService(MemoryTransport(MemoryBroker(), TOPOLOGY), settings, metrics)
+    # What the gauges still hold after a job ended at version 41 with a diverged loss.
+    metrics.model_version.set(41)
+    metrics.eval_accuracy.set(0.5)
+    metrics.eval_loss.set(float("nan"))
+    server = MetricsServer(registry, service.health, "127.0.0.1", 0, 60.0, status=service.status)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        assert main(["status", "--aggregator", url, "--json"]) == 0
+        text = capsys.readouterr().out
+        assert main(["status", "--aggregator", url]) == 0
+        block = capsys.readouterr().out
+    finally:
+        server.close()
+
+    idle = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in --json"))
+    assert (idle["state"], idle["job_id"], idle["version"], idle["accuracy"]) == (
+        "idle",
+        None,
+        None,
+        None,
+    )
+    assert "job            -\n" in block and "version        -\n" in block
+    assert "41" not in block

@@ -4,6 +4,7 @@ user_id the aggregator checks. Each test has a throw-away vhost and users, delet
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
 import pytest
-from hostile_input import _update, job
+from hostile_input import JOB_ID, _update, job
 from prometheus_client import CollectorRegistry
 
 from aggregator.cli import main as fedq_main
@@ -24,7 +25,7 @@ from broker.admin import add_worker
 from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
 from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY, Topology
 from shared.errors import PublishError, TransportError
-from shared.messages import encode_message
+from shared.messages import Cancel, encode_message
 
 pytestmark = pytest.mark.timeout(120)
 PASSWORD = "worker-secret"
@@ -205,3 +206,42 @@ def test_fedq_broker_add_worker_makes_the_user_and_queue(
     vhost.transports.append(worker)
     worker.declare_worker(name)
     worker.subscribe(vhost.topology.task_queue(name))
+
+
+def test_a_worker_account_cannot_cancel_a_job_and_a_submitting_account_can(
+    vhost: Vhost, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
+    t = vhost.topology
+    transport = vhost.transport()
+    settings = AggregatorSettings(state_dir=str(tmp_path))
+    service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
+    transport.declare()
+    transport.subscribe(t.jobs)
+    transport.subscribe(t.updates)
+    transport.publish(t.jobs, JOB_ROUTING_KEY, encode_message(job()))
+    service.run_until_idle()
+    worker = _worker_transport(vhost, name)
+
+    with pytest.raises(PublishError, match="ACCESS_REFUSED"):
+        worker.publish(t.jobs, JOB_ROUTING_KEY, encode_message(Cancel(JOB_ID)))
+    refused = fedq_main(["cancel", JOB_ID, "--broker", vhost.url(name, PASSWORD)])
+    refused_err = capsys.readouterr().err
+    # The exchange a worker may write: the aggregator takes no cancel from the updates queue.
+    worker.publish(t.updates, UPDATE_ROUTING_KEY, encode_message(Cancel(JOB_ID)))
+    service.run_until_idle(idle_s=0.5)
+    still_running = service._job is not None
+    accepted = fedq_main(["cancel", JOB_ID, "--broker", vhost.url()])
+    service.run_until_idle(idle_s=0.5)
+
+    assert refused == 1 and "ACCESS_REFUSED" in refused_err
+    assert still_running
+    connection, channel = _admin_channel(vhost)
+    try:
+        method, properties, _ = channel.basic_get(t.dead, auto_ack=True)  # type: ignore[attr-defined]
+    finally:
+        connection.close()
+    assert method is not None and properties.headers[REASON_HEADER] == "unexpected_type"
+    assert accepted == 0 and service._job is None
+    summary = json.loads((tmp_path / "jobs" / JOB_ID / "summary.json").read_text())
+    assert summary["stop_reason"] == "cancelled"

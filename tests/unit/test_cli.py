@@ -15,10 +15,12 @@ import pytest
 import aggregator.cli
 from aggregator.cli import main
 from aggregator.federation import job_spec, parse_args, slowdowns
+from aggregator.status import parse_metrics, render
 from broker import MemoryBroker, MemoryTransport, Topology
 from shared.errors import ConfigError, RegistryError
 from shared.jobs import JobSpec
-from shared.messages import Job, decode_message
+from shared.messages import Cancel, Job, decode_message
+from shared.ops import finite
 
 FEDBUFF_JOB = str(Path(__file__).resolve().parents[2] / "deploy" / "jobs" / "mnist-fedbuff.toml")
 
@@ -163,7 +165,7 @@ def test_fedq_run_flags_override_a_job_file_and_keep_the_rest_of_it() -> None:
     assert spec.training.momentum == 0.9
 
 
-def test_a_job_file_s_model_shape_gives_way_to_the_data_set_s() -> None:
+def test_a_job_file_that_leaves_the_model_shape_out_takes_the_data_set_s() -> None:
     spec = job_spec(parse_args(["--job", FEDBUFF_JOB, "--dataset", "digits"]))
 
     assert (spec.model.name, spec.model.input_shape, spec.model.num_classes) == (
@@ -171,6 +173,21 @@ def test_a_job_file_s_model_shape_gives_way_to_the_data_set_s() -> None:
         (1, 8, 8),
         10,
     )
+
+
+def test_a_job_file_s_own_model_shape_is_kept_and_checked_against_the_data(
+    tmp_path: Path,
+) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("[model]\nname = 'mlp'\ninput_shape = [1, 8, 8]\nnum_classes = 12\n")
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[model]\nname = 'mlp'\ninput_shape = [1, 28, 28]\n")
+
+    spec = job_spec(parse_args(["--job", str(job), "--dataset", "digits"]))
+
+    assert (spec.model.input_shape, spec.model.num_classes) == ((1, 8, 8), 12)
+    with pytest.raises(RegistryError, match=re.escape("does not take the data set's examples")):
+        job_spec(parse_args(["--job", str(wrong), "--dataset", "digits"]))
 
 
 def test_a_flag_value_outside_its_range_is_a_config_error() -> None:
@@ -308,3 +325,128 @@ def test_a_job_name_that_cannot_start_an_id_is_refused_before_anything_runs(name
 def test_eval_every_below_one_is_refused() -> None:
     with pytest.raises(ConfigError, match="eval_every"):
         JobSpec(eval_every=0)
+
+
+# ---------------------------------------------------------------- submit's check, cancel, status
+
+
+def _job_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _memory_connect(monkeypatch: pytest.MonkeyPatch) -> MemoryBroker:
+    memory = MemoryBroker()
+    monkeypatch.setattr(
+        aggregator.cli, "connect", lambda url, topology, **kw: MemoryTransport(memory, topology)
+    )
+    MemoryTransport(memory, Topology("fedq")).declare()
+    return memory
+
+
+def _published(memory: MemoryBroker) -> list[Any]:
+    reader = MemoryTransport(memory, Topology("fedq"))
+    reader.subscribe(reader.topology.jobs)
+    out = []
+    while (delivery := reader.receive(0)) is not None:
+        out.append(decode_message(delivery.body))
+    return out
+
+
+def test_submitting_a_job_with_a_misspelt_model_returns_1_and_publishes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, no_broker: list[str]
+) -> None:
+    job = _job_file(tmp_path, "dataset = 'digits'\n[model]\nname = 'cnnn'\n")
+
+    status = main(["submit", job])
+
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fedq submit: model 'cnnn': unknown model 'cnnn'")
+    assert "Nothing was published" in err and "--no-check" in err
+    assert no_broker == []
+
+
+def test_submitting_a_job_whose_data_set_does_not_resolve_here_returns_1_with_the_hint(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, no_broker: list[str]
+) -> None:
+    job = _job_file(tmp_path, f"dataset = 'npz:{tmp_path / 'on-the-aggregator.npz'}'\n")
+
+    status = main(["submit", job])
+
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "data set 'npz:" in err and "cannot read" in err and "--no-check" in err
+    assert no_broker == []
+
+
+def test_submitting_with_no_check_publishes_a_job_this_machine_cannot_check(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = _memory_connect(monkeypatch)
+    job = _job_file(tmp_path, "dataset = 'npz:/only/on/the/aggregator.npz'\n")
+
+    status = main(["submit", job, "--job-id", "remote-1", "--no-check"])
+
+    assert status == 0
+    [published] = _published(memory)
+    assert isinstance(published, Job) and published.job_id == "remote-1"
+    assert published.spec.model.input_shape == ()  # left for the aggregator's data to fill
+
+
+def test_submit_refuses_a_broker_url_that_is_not_amqp_without_suggesting_memory(
+    capsys: pytest.CaptureFixture[str], no_broker: list[str]
+) -> None:
+    status = main(["submit", FEDBUFF_JOB, "--broker", "memory", "--no-check"])
+
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "amqp://" in err and "use 'memory'" not in err
+    assert no_broker == []
+
+
+def test_cancel_publishes_a_cancel_for_the_job_on_the_job_queue(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = _memory_connect(monkeypatch)
+
+    status = main(["cancel", "mnist-fedbuff-1a2b3c4d"])
+
+    assert status == 0
+    assert "mnist-fedbuff-1a2b3c4d" in capsys.readouterr().out
+    [published] = _published(memory)
+    assert isinstance(published, Cancel) and published.job_id == "mnist-fedbuff-1a2b3c4d"
+
+
+def test_cancel_refuses_an_invalid_job_id_without_touching_a_broker(
+    capsys: pytest.CaptureFixture[str], no_broker: list[str]
+) -> None:
+    assert main(["cancel", "no such job"]) == 1
+    assert "invalid job id" in capsys.readouterr().err
+    assert no_broker == []
+
+
+def test_an_idle_aggregator_s_status_shows_no_version_from_its_last_job() -> None:
+    metrics = "fedq_aggregator_model_version 41.0\nfedq_aggregator_eval_loss NaN\n"
+    idle = {"state": "idle", "job_id": None, "version": None, "loss": None}
+
+    block = render(dict(finite(parse_metrics(metrics) | idle)))
+
+    assert "job            -\n" in block
+    assert "version        -\n" in block
+    assert "41" not in block
+
+
+def test_status_shows_failed_jobs_apart_with_their_reason() -> None:
+    status = {
+        "jobs_done": 3,
+        "jobs_ended": {"finished": 1, "failed": 1, "cancelled": 1},
+        "failed_jobs": [{"job_id": "typo-1", "reason": "bad_job", "detail": "unknown model"}],
+    }
+
+    block = render(status)
+
+    ended = "in its state dir 1 finished, 1 failed, 1 cancelled"
+    assert f"jobs ended     3 by this process; {ended}" in block
+    assert "failed job     typo-1: bad_job (unknown model)" in block

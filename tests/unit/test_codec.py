@@ -35,6 +35,7 @@ from shared.messages import (
     ID_PATTERN,
     MAX_METRICS,
     MAX_NUM_SAMPLES,
+    Cancel,
     GlobalModel,
     Hello,
     Job,
@@ -372,6 +373,30 @@ def test_a_hello_device_is_cut_to_64_characters() -> None:
     assert decoded.device == "x" * 64
 
 
+def test_a_cancel_survives_a_round_trip() -> None:
+    cancel = Cancel("mnist-fedbuff-1a2b3c4d", sent_at=12.5)
+
+    assert round_trip(cancel) == cancel
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"job_id": "a job", "sent_at": 1.0}, "bad_field"),
+        ({"job_id": "j", "sent_at": float("nan")}, "bad_field"),
+        ({"sent_at": 1.0}, "missing_field"),
+        ({"job_id": "j"}, "missing_field"),
+    ],
+)
+def test_a_bad_cancel_is_rejected_with_its_reason(body: dict[str, Any], reason: str) -> None:
+    payload = msgpack.packb({"protocol": 1, "type": "cancel"} | body)
+
+    with pytest.raises(ProtocolError) as caught:
+        decode_message(payload)
+
+    assert caught.value.reason == reason
+
+
 def test_a_job_spec_accepts_an_int_where_a_float_is_expected() -> None:
     body = {"protocol": 1, "type": "job", "job_id": "j", "submitted_at": 1}
     body["spec"] = {"training": {"lr": 1}}
@@ -581,7 +606,9 @@ def test_a_job_with_an_invalid_spec_is_a_bad_field(spec: Any) -> None:
 
 def sample_task() -> Task:
     update = sample_update()
-    model = GlobalModel("job-1", 3, ModelSpec(), update.tensors, {"accuracy": 0.9})
+    model = GlobalModel(
+        "job-1", 3, ModelSpec("cnn", (1, 28, 28), 10), update.tensors, {"accuracy": 0.9}
+    )
     return Task("job-1", "t7", "w1", 3, TrainingConfig(), model, issued_at=1.0)
 
 

@@ -24,6 +24,7 @@ from shared.errors import ProtocolError
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig, to_dict
 from shared.messages import (
     ID_PATTERN,
+    Cancel,
     GlobalModel,
     Hello,
     Job,
@@ -140,7 +141,7 @@ def python_objects() -> list[Any]:
         "n": np.array(3, dtype=np.int64),
         "mask": np.zeros(0, dtype=np.bool_),
     }
-    model = GlobalModel("j", 2, ModelSpec(), tensors, {"accuracy": 0.5})
+    model = GlobalModel("j", 2, ModelSpec("cnn", (1, 28, 28), 10), tensors, {"accuracy": 0.5})
     return [
         Update("j", "u", "w", "t", 2, 2, "weights", 10, tensors, {"loss": 1.0}, sent_at=1.5),
         Update("j", "u", "w", "t", 2, None, "delta", 10, tensors, {}, sent_at=1.5),
@@ -150,6 +151,7 @@ def python_objects() -> list[Any]:
         Hello("w", 10, "cuda:0", sent_at=3.5),
         Job("j", JobSpec(), submitted_at=4.5),
         Job("j", JobSpec(stop=StopConfig(None, 0.9, 60.0)), submitted_at=4.5),
+        Cancel("j", sent_at=5.5),
     ]
 
 
@@ -246,6 +248,38 @@ def test_a_hand_built_job_with_an_empty_spec_gets_every_default() -> None:
     decoded = decode_message(raw(body))
 
     assert decoded == Job("nightly", JobSpec(), 5.0)
+
+
+def test_a_hand_built_cancel_decodes() -> None:
+    body = {"protocol": 1, "type": "cancel", "job_id": "nightly-1a2b", "sent_at": 6}
+
+    decoded = decode_message(raw(body))
+
+    assert decoded == Cancel("nightly-1a2b", 6.0)
+
+
+def test_a_hand_built_job_that_leaves_the_model_shape_out_decodes_with_it_unset() -> None:
+    spec = {"model": {"name": "mlp"}, "dataset": "digits"}
+    body = {"protocol": 1, "type": "job", "job_id": "j", "spec": spec, "submitted_at": 5.0}
+
+    decoded = decode_message(raw(body))
+
+    assert isinstance(decoded, Job)
+    assert decoded.spec.model == ModelSpec("mlp", (), 0)
+    assert not decoded.spec.model.complete
+
+
+@pytest.mark.parametrize("model", [{"name": "mlp"}, {"input_shape": [], "num_classes": 10}])
+def test_a_task_whose_model_leaves_the_shape_out_is_bad_field(model: dict[str, Any]) -> None:
+    body = {"protocol": 1, "type": "task", "job_id": "mnist-1", "task_id": "t8"}
+    body |= {"worker_id": "gpu-7", "round": None, "training": {}}
+    body |= {"model": raw_model() | {"model": model}, "issued_at": 1700000001}
+
+    with pytest.raises(ProtocolError) as caught:
+        decode_message(raw(body))
+
+    assert caught.value.reason == "bad_field"
+    assert "input_shape" in str(caught.value)
 
 
 def test_a_hand_built_job_with_nested_spec_maps_decodes() -> None:

@@ -67,9 +67,17 @@ def test_an_input_shape_without_three_dimensions_is_refused() -> None:
         build_model(ModelSpec("cnn", (28, 28), 10))
 
 
-def test_zero_classes_are_refused_when_the_spec_is_made() -> None:
+def test_negative_classes_are_refused_when_the_spec_is_made() -> None:
     with pytest.raises(ConfigError, match="num_classes"):
-        ModelSpec("mlp", MNIST, 0)
+        ModelSpec("mlp", MNIST, -1)
+
+
+@pytest.mark.parametrize(("shape", "classes"), [((), 10), (MNIST, 0), ((), 0)])
+def test_a_spec_that_leaves_its_shape_to_the_data_is_refused_when_built(
+    shape: tuple[int, ...], classes: int
+) -> None:
+    with pytest.raises(RegistryError, match="must both be given"):
+        build_model(ModelSpec("mlp", shape, classes))
 
 
 def test_the_same_seed_builds_identical_weights() -> None:

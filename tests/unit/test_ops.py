@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from shared.errors import ConfigError
-from shared.ops import Health, MetricsServer, Operations, SystemdNotifier
+from shared.ops import Health, MetricsServer, Operations, SystemdNotifier, json_text
 
 
 class FakeClock:
@@ -342,3 +342,34 @@ def test_operations_close_the_port_when_the_block_ends() -> None:
         get(f"http://127.0.0.1:{port}/metrics")
 
     assert during == 200
+
+
+def _strict_json(text: str | bytes) -> object:
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"bare {constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.timeout(10)
+def test_status_answers_null_for_nan_and_infinite_figures_at_any_depth() -> None:
+    figures = {"loss": float("nan"), "best": float("inf"), "runs": [{"loss": float("-inf")}]}
+    server = MetricsServer(
+        CollectorRegistry(), Health(), "127.0.0.1", 0, timeout_s=30.0, status=lambda: figures
+    )
+    server.start()
+    try:
+        code, _, body = get(f"http://127.0.0.1:{server.port}/status")
+    finally:
+        server.close()
+
+    assert code == 200
+    assert _strict_json(body) == {"loss": None, "best": None, "runs": [{"loss": None}]}
+
+
+def test_json_text_writes_non_finite_floats_as_null_and_keeps_the_rest() -> None:
+    text = json_text({"a": 0.5, "b": [1, float("nan")], "c": (2.0, "x"), "d": None})
+
+    assert _strict_json(text) == {"a": 0.5, "b": [1, None], "c": [2.0, "x"], "d": None}

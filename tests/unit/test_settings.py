@@ -12,6 +12,7 @@ from aggregator.settings import AggregatorSettings
 from shared.errors import ConfigError, FieldError
 from shared.jobs import (
     JobSpec,
+    ModelSpec,
     StopConfig,
     StrategyConfig,
     TrainingConfig,
@@ -19,6 +20,7 @@ from shared.jobs import (
     load_job_file,
 )
 from shared.settings import load_settings, masked
+from shared.shapes import complete_job
 from worker.settings import WorkerSettings
 
 JOBS = Path(__file__).resolve().parents[2] / "deploy" / "jobs"
@@ -169,16 +171,13 @@ def test_masked_settings_keep_a_url_without_password_as_it_is() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedbuff", "fedasync"])
-def test_each_example_job_file_loads_as_a_cnn_on_mnist5k(strategy: str) -> None:
+def test_each_example_job_file_loads_as_a_cnn_on_mnist5k_shaped_by_the_data(strategy: str) -> None:
     spec = load_job_file(str(JOBS / f"mnist-{strategy}.toml"))
 
     assert spec.name == f"mnist-{strategy}"
     assert spec.strategy.name == strategy
-    assert (spec.model.name, spec.model.input_shape, spec.model.num_classes) == (
-        "cnn",
-        (1, 28, 28),
-        10,
-    )
+    assert (spec.model.name, spec.model.input_shape, spec.model.num_classes) == ("cnn", (), 0)
+    assert complete_job(spec).model == ModelSpec("cnn", (1, 28, 28), 10)
     assert spec.dataset == "mnist5k"
     assert spec.stop == StopConfig(max_versions=200, target_accuracy=0.95, max_time_s=600.0)
 

@@ -1,0 +1,110 @@
+"""How jobs ended: finished, failed or cancelled, kept durably in the aggregator's state dir.
+
+`<state dir>/job-outcomes.jsonl` has one line per ended job: its id, outcome, stop reason and
+a detail. State dirs written before it existed have `finished-jobs.txt` (one id a line, every
+ended job, failed ones too); those ids are read as ended with an unknown reason and counted as
+finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.ops import json_text
+
+# Stop reasons that mean the job failed; every other ends it as finished or cancelled.
+# A job that cannot start (bad_job), or whose model diverged (diverged).
+FAILED_STOP_REASONS = frozenset({"bad_job", "diverged"})
+CANCELLED = "cancelled"
+OUTCOMES = ("finished", "failed", "cancelled")
+LEGACY_FILE = "finished-jobs.txt"
+OUTCOMES_FILE = "job-outcomes.jsonl"
+# /status lists at most this many failed jobs, the newest.
+MAX_LISTED = 20
+
+
+def outcome_of(stop_reason: str) -> str:
+    """`failed`, `cancelled` or `finished`: what a stop reason means for the job."""
+    if stop_reason in FAILED_STOP_REASONS:
+        return "failed"
+    if stop_reason == CANCELLED:
+        return "cancelled"
+    return "finished"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One ended job."""
+
+    job_id: str
+    outcome: str
+    stop_reason: str
+    detail: str = ""
+
+
+class JobOutcomes:
+    """The ended jobs of one state dir; record() appends and syncs before it returns.
+
+    Read from the HTTP thread (/status) while the service loop records: readers take a copy.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / OUTCOMES_FILE
+        self._ended: dict[str, Outcome] = {}
+        legacy = state_dir / LEGACY_FILE
+        if legacy.exists():
+            for line in legacy.read_text(encoding="utf-8").splitlines():
+                if line:
+                    self._ended[line] = Outcome(line, "finished", "unknown")
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+                # A line cut short by a crash is not a record.
+                if line.endswith("\n"):
+                    self._add(json.loads(line))
+
+    def _add(self, record: dict[str, Any]) -> None:
+        job_id = str(record["job_id"])
+        self._ended[job_id] = Outcome(
+            job_id, str(record["outcome"]), str(record["stop_reason"]), str(record["detail"])
+        )
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._ended
+
+    def get(self, job_id: str) -> Outcome | None:
+        """The outcome of a job, or None if it has not ended."""
+        return self._ended.get(job_id)
+
+    def record(self, job_id: str, stop_reason: str, detail: str = "") -> Outcome:
+        """Record that a job ended with this stop reason (a later record of it wins)."""
+        record = {
+            "job_id": job_id,
+            "outcome": outcome_of(stop_reason),
+            "stop_reason": stop_reason,
+            "detail": detail,
+            "ended_at": time.time(),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json_text(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._add(record)
+        return self._ended[job_id]
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs ended with each outcome."""
+        out = dict.fromkeys(OUTCOMES, 0)
+        for ended in list(self._ended.values()):
+            out[ended.outcome] = out.get(ended.outcome, 0) + 1
+        return out
+
+    def failed(self) -> list[dict[str, str]]:
+        """The newest failed jobs (at most MAX_LISTED), oldest first, with their reasons."""
+        failed = [e for e in list(self._ended.values()) if e.outcome == "failed"][-MAX_LISTED:]
+        return [{"job_id": e.job_id, "reason": e.stop_reason, "detail": e.detail} for e in failed]
