@@ -149,6 +149,7 @@ def render(status: dict[str, Any]) -> str:
         f"jobs finished  {_fmt(status.get('jobs_done'))} by this process, "
         f"{_fmt(status.get('finished_jobs'))} in its state dir",
     ]
+    lines += _failed_worker_lines(status.get("failed_workers") or [])
     if "updates_ready" in status:
         lines.append(
             f"backlog        {status['updates_ready']} updates ready, "
@@ -156,6 +157,17 @@ def render(status: dict[str, Any]) -> str:
             f"{status['jobs_ready']} jobs ready"
         )
     return "\n".join(lines)
+
+
+def _failed_worker_lines(failed: list[dict[str, Any]], limit: int = 10) -> list[str]:
+    """One line per worker that cannot train the running job, with its reason and detail."""
+    lines = [
+        f"worker failed  {w.get('worker_id')}: {w.get('reason')}: {w.get('detail')}"
+        for w in failed[:limit]
+    ]
+    if len(failed) > limit:
+        lines.append(f"worker failed  ... and {len(failed) - limit} more (see --json)")
+    return lines
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:
