@@ -359,7 +359,9 @@ def labels_of(dataset: Dataset[Any]) -> torch.Tensor:
     targets = getattr(dataset, "targets", None)  # ImageFolder, torchvision sets, NpzImages
     if targets is not None and len(targets) == len(dataset):  # type: ignore[arg-type]
         return torch.as_tensor(targets, dtype=torch.int64)
-    return tensors_of(dataset)[1]
+    # One sample at a time, letting each input go: the inputs may not fit in memory together.
+    size = len(dataset)  # type: ignore[arg-type]
+    return torch.tensor([int(dataset[i][1]) for i in range(size)], dtype=torch.int64)
 
 
 def estimated_bytes(dataset: Dataset[Any]) -> int:

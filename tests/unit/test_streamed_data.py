@@ -182,3 +182,17 @@ def test_worker_help_describes_every_kind_of_data_it_takes() -> None:
     for kind in (".npz", "ImageFolder", "torchvision:Name:ROOT", "package.module:function"):
         assert kind in text
     assert "digits" in text and "mnist5k" in text
+
+
+def test_labels_of_a_data_set_without_targets_are_read_without_keeping_its_inputs() -> None:
+    class Scans(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+        def __len__(self) -> int:
+            return 5
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return torch.zeros(1, 4, 4), index % 3
+
+    data = StreamedData(Scans(), CPU, num_workers=0)
+
+    assert data.labels().tolist() == [0, 1, 2, 0, 1]
+    assert data.num_samples == 5
