@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import shared.errors
+from aggregator.metrics import FAILURE_REASONS
 from shared.chunks import Reassembler, decode_chunk, is_chunk, split_payload
 from shared.errors import ProtocolError
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig, to_dict
-from aggregator.metrics import FAILURE_REASONS
 from shared.messages import (
     ID_PATTERN,
     Failure,
