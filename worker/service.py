@@ -147,7 +147,11 @@ class WorkerService:
             self._take(delivery)
             delivery = self.transport.receive(0)
         if self._training is not None and self._training.done():
-            self._settle(time.perf_counter())
+            try:
+                self._settle(time.perf_counter())
+            except Exception:  # a failed publish must not stop the worker
+                logger.exception("task failed")
+                self.metrics.tasks_failed.labels("training_error").inc()
         if self._training is None and self._pending is not None:
             task, self._pending = self._pending, None
             cycle, self._pending_cycle = self._pending_cycle, None
@@ -165,19 +169,16 @@ class WorkerService:
 
     def _settle(self, noticed: float) -> None:
         """Publish the finished training's update, or report why its task could not be trained."""
-        assert self._training is not None and self._training_task is not None
         future, task = self._training, self._training_task
         self._training, self._training_task = None, None
+        if future is None or task is None:
+            return
         try:
             finished = future.result()
         except Exception as e:  # a task that cannot be trained must not stop the worker
             self._report_failure(task, e)
             return
-        try:
-            self._publish(finished, noticed)
-        except Exception:  # a failed task must not stop the worker
-            logger.exception("task failed")
-            self.metrics.tasks_failed.labels("training_error").inc()
+        self._publish(finished, noticed)
 
     def _report_failure(self, task: Task, error: Exception) -> None:
         """Tell the aggregator that this task cannot be trained (a failure message), logging
