@@ -10,6 +10,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 JOB_STATES = ("idle", "running")
+# The reasons a worker gives for a task it cannot train that get a label of their own; any other
+# (the wire allows any short code) is counted as "other", so the label stays bounded.
+FAILURE_REASONS = ("data_mismatch", "training_error")
 
 
 class AggregatorMetrics:
@@ -25,6 +28,12 @@ class AggregatorMetrics:
         self.updates_rejected = Counter(
             "fedq_aggregator_updates_rejected",
             "Messages rejected and dead-lettered, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.worker_failures = Counter(
+            "fedq_aggregator_worker_failures",
+            "Failure reports of workers that cannot train a task, by reason.",
             ["reason"],
             registry=registry,
         )

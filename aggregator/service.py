@@ -15,7 +15,7 @@ from typing import Any
 
 from aggregator.checkpoint import CheckpointStore
 from aggregator.evaluation import BackgroundEvaluator, Evaluation, Evaluator
-from aggregator.metrics import AggregatorMetrics
+from aggregator.metrics import FAILURE_REASONS, AggregatorMetrics
 from aggregator.outcomes import CANCELLED, JobOutcomes
 from aggregator.output import RunDirectory
 from aggregator.settings import AggregatorSettings
@@ -27,6 +27,7 @@ from shared.errors import ProtocolError, TransportError
 from shared.jobs import TrainingConfig, to_dict
 from shared.messages import (
     Cancel,
+    Failure,
     GlobalModel,
     Hello,
     Job,
@@ -216,6 +217,7 @@ class AggregatorService:
             # Ended jobs of the state dir: how many finished, failed and were cancelled.
             "jobs_ended": self._outcomes.counts(),
             "failed_jobs": self._outcomes.failed(),
+            "failed_workers": [],
         }
         if running is not None:
             state, spec = running.state, running.job.spec
@@ -235,6 +237,10 @@ class AggregatorService:
                 "stall_reason": running.stalled,
                 "diverged": running.diverged,
                 "evaluations_nonfinite": running.evaluations_nonfinite,
+                "failed_workers": [
+                    {"worker_id": w, "reason": reason, "detail": detail}
+                    for w, (reason, detail) in sorted(state.failed.items())
+                ],
             }
         return out
 
@@ -268,6 +274,8 @@ class AggregatorService:
             self.transport.ack(delivery)
         elif isinstance(message, Update):
             self._on_update(message, delivery)
+        elif isinstance(message, Failure):
+            self._on_failure(message, delivery)
         else:
             self.transport.reject(delivery, "unexpected_type")
 
@@ -277,6 +285,37 @@ class AggregatorService:
         if self._job is not None:
             self._job.state.note_worker(hello.worker_id, now, hello.num_samples)
             self._job.state.note_idle(hello.worker_id, now)
+
+    def _on_failure(self, failure: Failure, delivery: Delivery) -> None:
+        """A worker cannot train a task: count it, and send that worker no more tasks for the
+        job (else it would fail every task of it). The next job starts with a clean slate."""
+        if self.settings.require_user_id and delivery.user_id != failure.worker_id:
+            detail = f"worker {failure.worker_id!r} published as user {delivery.user_id!r}"
+            logger.warning("rejecting a failure report: %s", detail)
+            self.transport.reject(delivery, "user_mismatch", detail)
+            return
+        reason = failure.reason if failure.reason in FAILURE_REASONS else "other"
+        self.metrics.worker_failures.labels(reason).inc()
+        running = self._job
+        if running is not None and failure.job_id == running.job.job_id:
+            first = running.state.note_failure(
+                failure.worker_id, failure.task_id, failure.reason, failure.detail
+            )
+            if first:
+                logger.warning(
+                    "worker %s cannot train job %s (%s): %s; it gets no more tasks for this job",
+                    failure.worker_id,
+                    failure.job_id,
+                    failure.reason,
+                    failure.detail,
+                )
+        else:
+            logger.info(
+                "worker %s reported a failure for job %s, which is not running",
+                failure.worker_id,
+                failure.job_id,
+            )
+        self.transport.ack(delivery)
 
     def _on_update(self, update: Update, delivery: Delivery) -> None:
         self.metrics.updates_received.inc()

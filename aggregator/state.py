@@ -117,6 +117,8 @@ class JobState:
         self.started_at = started_at
         self.worker_timeout_s = worker_timeout_s
         self.workers: dict[str, WorkerInfo] = {}
+        # Workers that reported they cannot train this job: (reason, detail); no more tasks.
+        self.failed: dict[str, tuple[str, str]] = {}
         self.seen_update_ids: set[str] = set()
         # The same ids in the order they were seen: checkpoints log only the ones added since.
         self._seen_order: list[str] = []
@@ -159,12 +161,25 @@ class JobState:
         if self.round is not None:
             self._round_selected.add(worker_id)
 
+    def note_failure(self, worker_id: str, task_id: str, reason: str, detail: str) -> bool:
+        """A worker cannot train this job: it gets no more tasks for it, and a round no longer
+        waits for it. Return whether this is its first failure in the job."""
+        info = self.workers.get(worker_id)
+        if info is not None and info.task_id == task_id:
+            info.task_id = None
+        if worker_id not in self._round_contributors:
+            self._round_selected.discard(worker_id)
+        first = worker_id not in self.failed
+        self.failed[worker_id] = (reason, detail)
+        return first
+
     def alive_workers(self, now: float) -> list[str]:
-        """Workers seen recently or working on a task, in id order."""
+        """Workers seen recently or working on a task, in id order; not those that failed."""
         return sorted(
             w
             for w, info in self.workers.items()
-            if info.task_id is not None or now - info.last_seen <= self.worker_timeout_s
+            if w not in self.failed
+            and (info.task_id is not None or now - info.last_seen <= self.worker_timeout_s)
         )
 
     def workers_to_task(self, now: float) -> list[str]:

@@ -157,6 +157,7 @@ def render(status: dict[str, Any]) -> str:
     for failed in status.get("failed_jobs") or []:
         detail = f" ({failed['detail']})" if failed.get("detail") else ""
         lines.append(f"failed job     {failed['job_id']}: {failed['reason']}{detail}")
+    lines += _failed_worker_lines(status.get("failed_workers") or [])
     if "updates_ready" in status:
         lines.append(
             f"backlog        {status['updates_ready']} updates ready, "
@@ -170,6 +171,17 @@ def _ended(counts: Any) -> str:
     if not isinstance(counts, dict):
         return "-"
     return ", ".join(f"{counts.get(k, 0)} {k}" for k in ("finished", "failed", "cancelled"))
+
+
+def _failed_worker_lines(failed: list[dict[str, Any]], limit: int = 10) -> list[str]:
+    """One line per worker that cannot train the running job, with its reason and detail."""
+    lines = [
+        f"worker failed  {w.get('worker_id')}: {w.get('reason')}: {w.get('detail')}"
+        for w in failed[:limit]
+    ]
+    if len(failed) > limit:
+        lines.append(f"worker failed  ... and {len(failed) - limit} more (see --json)")
+    return lines
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:

@@ -12,9 +12,12 @@ Names accepted by load_dataset:
   data served for either split. x is (N, H, W), (N, C, H, W) or (N, H, W, C): a 4-D x is taken as
   channels-first when x.shape[1] <= 4, else as channels-last when x.shape[3] <= 4. uint8 pixels are
   scaled to [0, 1]; floating-point pixels are kept as they are; y holds non-negative integers.
+  In a file written by np.savez (stored, not compressed) x is read lazily, one sample at a time
+  (NpzImages): a file larger than memory can be trained on. np.savez_compressed files are read
+  whole.
 - "imagefolder:/path": torchvision's ImageFolder (one sub-folder per class) of /path/train or
   /path/test when those exist, else of /path for either split. Images become [0, 1] tensors, one
-  channel when the first image is grayscale, else three.
+  channel when the first image is grayscale, else three. Images are read when they are used.
 - "torchvision:Name:/root": torchvision.datasets.Name(root, train=split == "train",
   download=False), as [0, 1] tensors, normalised where the statistics are known (MNIST,
   FashionMNIST, CIFAR10).
@@ -30,6 +33,7 @@ import gzip
 import importlib.resources
 import math
 import os
+import struct
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +72,8 @@ def load_dataset(name: str, split: str) -> Dataset[Any]:
         # Copies: the cached arrays are read-only and shared between callers.
         return TensorDataset(torch.tensor(x), torch.tensor(y))
     kind, _, rest = name.partition(":")
+    if kind in ("npz", "imagefolder") and rest and not os.path.exists(rest):
+        raise DatasetError(f"no such file or directory: {rest}")
     if kind == "npz" and rest:
         return _load_npz(rest, split)
     if kind == "imagefolder" and rest:
@@ -131,17 +137,101 @@ def _load_npz(path: str, split: str) -> Dataset[Any]:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
             if {f"x_{split}", f"y_{split}"} <= keys:
-                x, y = archive[f"x_{split}"], archive[f"y_{split}"]
+                x_key, y_key = f"x_{split}", f"y_{split}"
             elif {"x", "y"} <= keys:
-                x, y = archive["x"], archive["y"]
+                x_key, y_key = "x", "y"
             else:
                 raise DatasetError(
                     f"{path} has arrays {sorted(keys)}; "
                     f"expected x_{split} and y_{split}, or x and y"
                 )
+            y = archive[y_key]
+            lazy = _stored_array(path, x_key)
+            if lazy is not None:
+                offset, shape, dtype = lazy
+                _npz_images(np.zeros((0, *shape[1:]), dtype), path)  # the same checks as below
+                labels = _npz_labels(y, shape[0], path)
+                return NpzImages(path, offset, shape, dtype, torch.from_numpy(labels))
+            x = archive[x_key]
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise DatasetError(f"cannot read {path} as an npz file: {e}") from e
-    return TensorDataset(torch.tensor(_npz_images(x, path)), torch.tensor(_npz_labels(y, x, path)))
+    images = _npz_images(x, path)
+    return TensorDataset(torch.tensor(images), torch.tensor(_npz_labels(y, len(x), path)))
+
+
+def _stored_array(path: str, key: str) -> tuple[int, tuple[int, ...], np.dtype[Any]] | None:
+    """(offset of the data in the file, shape, dtype) of an uncompressed C-order member of an
+    npz file; None when it is compressed or otherwise not readable in place."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as fh:
+        # The local file header: 30 bytes, then the name and an extra field of its own length.
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        fh.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(fh)
+        offset = fh.tell()
+    if fortran_order or dtype.hasobject or len(shape) < 1:
+        return None
+    return offset, tuple(int(n) for n in shape), dtype
+
+
+class NpzImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """The images of an uncompressed npz member, read one sample at a time with pread.
+
+    pread, not a memory map: pages of a map count in the process's resident memory as they are
+    touched, so a pass over a large file would look (to a memory limit) like loading it whole.
+    Picklable (the file descriptor is opened again in each process), for DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        labels: torch.Tensor,
+    ) -> None:
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+        self.targets = labels
+        self.sample_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._fd: int | None = None
+        self._pid = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        raw = os.pread(self._file(), self.sample_bytes, self.offset + index * self.sample_bytes)
+        sample = np.frombuffer(raw, self.dtype).reshape(1, *self.shape[1:])
+        return torch.from_numpy(_npz_images(sample, self.path)[0]), self.targets[index]
+
+    def read_all(self) -> np.ndarray:
+        """Every image, converted as one array (for sets that fit in memory)."""
+        count = int(np.prod(self.shape, dtype=np.int64))
+        x = np.fromfile(self.path, self.dtype, count=count, offset=self.offset)
+        return _npz_images(x.reshape(self.shape), self.path)
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_fd": None, "_pid": 0}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
 
 
 def _npz_images(x: np.ndarray, path: str) -> np.ndarray:
@@ -161,9 +251,9 @@ def _npz_images(x: np.ndarray, path: str) -> np.ndarray:
     return images
 
 
-def _npz_labels(y: np.ndarray, x: np.ndarray, path: str) -> np.ndarray:
-    if y.ndim != 1 or len(y) != len(x):
-        raise DatasetError(f"{path}: y has shape {y.shape}; expected ({len(x)},)")
+def _npz_labels(y: np.ndarray, n: int, path: str) -> np.ndarray:
+    if y.ndim != 1 or len(y) != n:
+        raise DatasetError(f"{path}: y has shape {y.shape}; expected ({n},)")
     if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
         raise DatasetError(f"{path}: y must hold non-negative integers, has dtype {y.dtype}")
     return y.astype(np.int64)
@@ -233,7 +323,7 @@ def dataset_shape(dataset: Dataset[Any]) -> tuple[tuple[int, ...], int]:
     classes = getattr(dataset, "classes", None)
     if classes is not None:
         return input_shape, len(classes)
-    labels = tensors_of(dataset)[1]
+    labels = labels_of(dataset)
     # Labels are 0..K-1; a class absent from this split still counts if a larger one is present.
     return input_shape, int(labels.max()) + 1
 
@@ -243,6 +333,8 @@ def tensors_of(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         x, y = dataset.tensors
         return x, y.long()
+    if isinstance(dataset, NpzImages):
+        return torch.from_numpy(dataset.read_all()), dataset.targets.clone()
     if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
         x, y = tensors_of(dataset.dataset)
         indices = torch.as_tensor(np.asarray(dataset.indices, dtype=np.int64))
@@ -255,6 +347,30 @@ def tensors_of(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     except RuntimeError as e:  # images of different sizes
         raise DatasetError(f"samples do not share one shape: {e}") from e
     return inputs, torch.tensor([int(sample[1]) for sample in samples], dtype=torch.int64)
+
+
+def labels_of(dataset: Dataset[Any]) -> torch.Tensor:
+    """All labels as int64, without reading the inputs where the data set keeps them apart."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return dataset.tensors[1].long()
+    if isinstance(dataset, Subset):
+        indices = torch.as_tensor(np.asarray(dataset.indices, dtype=np.int64))
+        return labels_of(dataset.dataset)[indices]
+    targets = getattr(dataset, "targets", None)  # ImageFolder, torchvision sets, NpzImages
+    if targets is not None and len(targets) == len(dataset):  # type: ignore[arg-type]
+        return torch.as_tensor(targets, dtype=torch.int64)
+    # One sample at a time, letting each input go: the inputs may not fit in memory together.
+    size = len(dataset)  # type: ignore[arg-type]
+    return torch.tensor([int(dataset[i][1]) for i in range(size)], dtype=torch.int64)
+
+
+def estimated_bytes(dataset: Dataset[Any]) -> int:
+    """What the inputs of a data set take in memory as tensors: its length x the first's size."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
+        return 0
+    first = torch.as_tensor(dataset[0][0])
+    return size * first.numel() * first.element_size()
 
 
 def partition(labels: np.ndarray, num_parts: int, scheme: str, seed: int) -> list[np.ndarray]:

@@ -76,3 +76,7 @@ class RegistryError(FedqError):
 
 class DatasetError(FedqError):
     """Local data could not be loaded or partitioned."""
+
+
+class DataMismatchError(DatasetError):
+    """A worker's local data does not fit the model of a task (input shape, labels, output)."""

@@ -1,4 +1,4 @@
-"""Wire messages (job, task, model, update, hello, cancel) and their msgpack codec, validated."""
+"""Wire messages (job, task, model, update, hello, cancel, failure) and their msgpack codec."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ PROTOCOL_VERSION = 1
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 MAX_NUM_SAMPLES = 1_000_000_000
 MAX_METRICS = 64
+# A failure's reason is a short code (data_mismatch, training_error, ...); its detail is text for
+# people, cut to this many characters by the receiver.
+REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
+MAX_FAILURE_DETAIL = 1024
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,19 @@ class Cancel:
     sent_at: float = field(default_factory=time.time)
 
 
-Message = Job | GlobalModel | Task | Update | Hello | Cancel
+@dataclass(frozen=True)
+class Failure:
+    """A worker's report that it cannot train a task: a short stable reason and a detail."""
+
+    worker_id: str
+    job_id: str
+    task_id: str
+    reason: str
+    detail: str
+    sent_at: float = field(default_factory=time.time)
+
+
+Message = Job | GlobalModel | Task | Update | Hello | Cancel | Failure
 
 
 # ---------------------------------------------------------------- encoding
@@ -169,7 +185,20 @@ def _body(message: Message) -> tuple[str, dict[str, Any]]:
             "device": message.device,
             "sent_at": message.sent_at,
         }
+    if isinstance(message, Failure):
+        return "failure", _failure_body(message)
     raise TypeError(f"not a fedq message: {type(message).__name__}")
+
+
+def _failure_body(failure: Failure) -> dict[str, Any]:
+    return {
+        "worker_id": failure.worker_id,
+        "job_id": failure.job_id,
+        "task_id": failure.task_id,
+        "reason": failure.reason,
+        "detail": failure.detail,
+        "sent_at": failure.sent_at,
+    }
 
 
 def encode_message(message: Message) -> bytes:
@@ -414,7 +443,23 @@ def _decode_body(kind: str, body: dict[str, Any]) -> Message:
             device=str(_field(body, "device", (str,)))[:64],
             sent_at=_time(body, "sent_at"),
         )
+    if kind == "failure":
+        return _decode_failure(body)
     raise UnknownMessageTypeError(f"unknown message type {kind!r}")
+
+
+def _decode_failure(body: dict[str, Any]) -> Failure:
+    reason = _field(body, "reason", (str,))
+    if not REASON_PATTERN.match(reason):
+        raise FieldError("field 'reason' must be a short code ([a-z][a-z0-9_], 1-32 chars)")
+    return Failure(
+        worker_id=_id(body, "worker_id"),
+        job_id=_id(body, "job_id"),
+        task_id=_id(body, "task_id"),
+        reason=str(reason),
+        detail=str(_field(body, "detail", (str,)))[:MAX_FAILURE_DETAIL],
+        sent_at=_time(body, "sent_at"),
+    )
 
 
 class _Unusual(Exception):

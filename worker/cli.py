@@ -13,6 +13,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from broker import MemoryBroker, Topology, connect
+from shared.datasets import list_datasets
 from shared.ops import Health, Operations
 from shared.settings import load_settings, masked
 from worker.data import load_local_data
@@ -30,8 +31,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="amqp://user:pass@host:5672/vhost")
     parser.add_argument("--worker-id", dest="worker_id", help="this site's id")
     parser.add_argument("--prefix", help="topology name prefix (default fedq)")
-    parser.add_argument("--data", help="local data: .npz file, ImageFolder dir or data set spec")
-    parser.add_argument("--dataset", help="built-in data set for simulation (mnist5k, digits)")
+    parser.add_argument(
+        "--data",
+        metavar="PATH_OR_SPEC",
+        help="local training data: an .npz file (x_train/y_train or x/y arrays), an ImageFolder "
+        "directory (one sub-folder per class), torchvision:Name:ROOT (a torchvision data set "
+        "already on disk), package.module:function (returns a torch Dataset), or a built-in "
+        f"name ({', '.join(list_datasets())})",
+    )
+    parser.add_argument(
+        "--dataset",
+        help=f"a built-in data set or data set spec to share out for a simulation "
+        f"({', '.join(list_datasets())}; with --partition and --num-partitions)",
+    )
     parser.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:K")
     parser.add_argument("--num-partitions", dest="num_partitions", type=int)
     parser.add_argument("--partition-index", dest="partition_index", type=int)
@@ -39,6 +51,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--partition-seed", dest="partition_seed", type=int, help="same on every worker"
     )
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument(
+        "--in-memory-max-mb",
+        dest="in_memory_max_mb",
+        type=float,
+        help="data up to this size as tensors goes to the device whole (default 512); "
+        "larger data is read from its files in batches",
+    )
+    parser.add_argument(
+        "--loader-workers",
+        dest="loader_workers",
+        type=int,
+        help="processes reading and decoding batches of data too large for memory (default 2)",
+    )
     parser.add_argument("--slowdown", type=float, help="stretch training time by this factor")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")

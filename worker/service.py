@@ -15,30 +15,29 @@ from torch import nn
 
 from broker.topology import UPDATE_ROUTING_KEY
 from broker.transport import Delivery, Transport
-from shared.errors import ProtocolError
+from shared.errors import DataMismatchError, ProtocolError
 from shared.jobs import ModelSpec
-from shared.messages import Hello, Task, Update, decode_message, encode_message
+from shared.messages import (
+    MAX_FAILURE_DETAIL,
+    Failure,
+    Hello,
+    Task,
+    Update,
+    decode_message,
+    encode_message,
+)
 from shared.models import buffer_names, build_model, load_numpy_state, state_to_numpy
 from shared.ops import Health
 from shared.tensors import Tensors
+from worker.data import LocalData as LocalData
+from worker.data import TrainingData
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
-from worker.training import train
+from worker.training import check_fit, train
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalData:
-    """A worker's training examples, already on its device."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @property
-    def num_samples(self) -> int:
-        """How many examples the worker holds."""
-        return int(self.y.shape[0])
+# Failures already logged at ERROR are remembered up to this many (then logged again).
+MAX_REMEMBERED_FAILURES = 1000
 
 
 @dataclass
@@ -68,7 +67,7 @@ class WorkerService:
         self,
         transport: Transport,
         settings: WorkerSettings,
-        data: LocalData,
+        data: TrainingData,
         device: torch.device,
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.monotonic,
@@ -84,9 +83,13 @@ class WorkerService:
         self.health = health if health is not None else Health()
         self.worker_id = settings.worker_id
         self._models: dict[ModelSpec, nn.Module] = {}
+        # The fit check's verdict per model: None when the local data fits, else why not.
+        self._fit: dict[ModelSpec, str | None] = {}
+        self._logged_failures: set[tuple[str, str, str]] = set()
         self._pending: Task | None = None
         self._pending_cycle: _Cycle | None = None
         self._training: Future[_Finished] | None = None
+        self._training_task: Task | None = None
         # When and at what wall-clock time the last update went out: the next wait starts there.
         self._published: tuple[float, float] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.worker_id}")
@@ -146,8 +149,8 @@ class WorkerService:
     def close(self) -> None:
         """Wait for a training in progress and publish its update, then shut down."""
         if self._training is not None:
-            self._publish(self._training.result(), time.perf_counter())
-            self._training = None
+            wait([self._training])
+            self._settle(time.perf_counter())
         self._executor.shutdown(wait=True)
 
     @property
@@ -167,17 +170,16 @@ class WorkerService:
             self._take(delivery)
             delivery = self.transport.receive(0)
         if self._training is not None and self._training.done():
-            future, self._training = self._training, None
-            noticed = time.perf_counter()
             try:
-                self._publish(future.result(), noticed)
-            except Exception:  # a failed task must not stop the worker
+                self._settle(time.perf_counter())
+            except Exception:  # a failed publish must not stop the worker
                 logger.exception("task failed")
                 self.metrics.tasks_failed.labels("training_error").inc()
         if self._training is None and self._pending is not None:
             task, self._pending = self._pending, None
             cycle, self._pending_cycle = self._pending_cycle, None
             self._training = self._executor.submit(self._run_task, task, cycle)
+            self._training_task = task
         if (
             self._training is None
             and self.clock() - self._last_hello >= self.settings.hello_interval_s
@@ -187,6 +189,48 @@ class WorkerService:
         self.health.progress("training" if self._training is not None else "idle")
 
     # ------------------------------------------------------------------ internals
+
+    def _settle(self, noticed: float) -> None:
+        """Publish the finished training's update, or report why its task could not be trained."""
+        future, task = self._training, self._training_task
+        self._training, self._training_task = None, None
+        if future is None or task is None:
+            return
+        try:
+            finished = future.result()
+        except Exception as e:  # a task that cannot be trained must not stop the worker
+            self._report_failure(task, e)
+            return
+        self._publish(finished, noticed)
+
+    def _report_failure(self, task: Task, error: Exception) -> None:
+        """Tell the aggregator that this task cannot be trained (a failure message), logging
+        each distinct failure once at ERROR: the same task fails the same way every time."""
+        if isinstance(error, DataMismatchError):
+            reason, detail = "data_mismatch", str(error)
+        else:
+            reason, detail = "training_error", f"{type(error).__name__}: {error}"
+        detail = detail[:MAX_FAILURE_DETAIL]
+        self.metrics.tasks_failed.labels(reason).inc()
+        key = (task.job_id, reason, detail)
+        if key in self._logged_failures:
+            logger.debug("task %s of job %s refused again: %s", task.task_id, task.job_id, detail)
+        else:
+            if len(self._logged_failures) >= MAX_REMEMBERED_FAILURES:
+                self._logged_failures.clear()
+            self._logged_failures.add(key)
+            logger.error(
+                "cannot train job %s (%s): %s; the aggregator is told",
+                task.job_id,
+                reason,
+                detail,
+                # A mismatch is said in full by its detail; an unexpected error needs its trace.
+                exc_info=error if reason == "training_error" else None,
+            )
+        failure = Failure(self.worker_id, task.job_id, task.task_id, reason, detail)
+        self.transport.publish(
+            self.transport.topology.updates, UPDATE_ROUTING_KEY, encode_message(failure)
+        )
 
     def _take(self, delivery: Delivery) -> None:
         received = time.perf_counter()
@@ -229,12 +273,17 @@ class WorkerService:
         started = time.perf_counter()
         if cycle is None:  # a task handed in directly, not taken from the queue
             cycle = _Cycle(started, started, task.issued_at)
-        model = self._model_for(task.model.model)
+        spec = task.model.model
+        model = self._model_for(spec)
+        if spec not in self._fit:
+            # Once per model: one forward pass on a batch, on this worker's device.
+            self._fit[spec] = check_fit(model, self.data, spec)
+        problem = self._fit[spec]
+        if problem is not None:
+            raise DataMismatchError(problem)
         load_numpy_state(model, task.model.tensors)
         cycle.marks["load"] = time.perf_counter()
-        num_samples, metrics = train(
-            model, self.data.x, self.data.y, task.training, self._generator
-        )
+        num_samples, metrics = train(model, self.data, task.training, self._generator)
         if self.settings.slowdown > 1:
             # Emulated slowness (it stands for slower training), cut short by stop(): it must
             # not delay a shutdown.

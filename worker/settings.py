@@ -23,6 +23,11 @@ class WorkerSettings:
     num_partitions: int = 1
     partition_index: int = 0
     device: str = "auto"
+    # Local data that takes at most this many MiB as tensors is put on the device whole (the
+    # fastest path); a larger set is read in batches from its files through a DataLoader with
+    # `loader_workers` processes reading and decoding (0: in the training thread).
+    in_memory_max_mb: float = 512.0
+    loader_workers: int = 2
     # Stretches each training's wall-clock by this factor (sleeping), to emulate slow hardware.
     slowdown: float = 1.0
     hello_interval_s: float = 5.0

@@ -377,7 +377,7 @@ def test_submitting_a_job_whose_data_set_does_not_resolve_here_returns_1_with_th
 
     assert status == 1
     err = capsys.readouterr().err
-    assert "data set 'npz:" in err and "cannot read" in err and "--no-check" in err
+    assert "data set 'npz:" in err and "no such file or directory" in err and "--no-check" in err
     assert no_broker == []
 
 

@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 
 import shared.errors
+from aggregator.metrics import FAILURE_REASONS
 from shared.chunks import Reassembler, decode_chunk, is_chunk, split_payload
 from shared.errors import ProtocolError
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig, to_dict
 from shared.messages import (
     ID_PATTERN,
     Cancel,
+    Failure,
     GlobalModel,
     Hello,
     Job,
@@ -152,6 +154,7 @@ def python_objects() -> list[Any]:
         Job("j", JobSpec(), submitted_at=4.5),
         Job("j", JobSpec(stop=StopConfig(None, 0.9, 60.0)), submitted_at=4.5),
         Cancel("j", sent_at=5.5),
+        Failure("w", "j", "t", "data_mismatch", "labels go up to 11", sent_at=5.5),
     ]
 
 
@@ -214,6 +217,24 @@ def test_a_hand_built_hello_decodes() -> None:
     decoded = decode_message(raw(body))
 
     assert decoded == Hello("gpu-7", 0, "cuda:0", 1700000000.25)
+
+
+def test_a_hand_built_failure_decodes() -> None:
+    body = {"protocol": 1, "type": "failure", "worker_id": "gpu-7", "job_id": "mnist-1"}
+    body |= {"task_id": "t8", "reason": "data_mismatch", "sent_at": 1700000002.0}
+    body |= {"detail": "local images are 3x32x32 but the model takes 1x28x28"}
+
+    decoded = decode_message(raw(body))
+
+    assert decoded == Failure(
+        "gpu-7", "mnist-1", "t8", "data_mismatch", body["detail"], 1700000002.0
+    )
+
+
+def test_the_documented_failure_reasons_are_the_ones_the_aggregator_counts_apart() -> None:
+    documented = [unquote(row["reason"]) for row in table("failure-reasons")]
+
+    assert documented == list(FAILURE_REASONS)
 
 
 def test_a_hand_built_task_with_a_partial_training_map_takes_the_defaults() -> None:

@@ -155,9 +155,11 @@ def test_npz_files_of_the_wrong_layout_raise_dataset_error(
         load_dataset(f"npz:{path}", "train")
 
 
-def test_a_missing_npz_file_raises_dataset_error(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="cannot read"):
+def test_a_missing_npz_file_or_image_folder_is_named_as_missing(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=f"no such file or directory: {tmp_path}/absent.npz"):
         load_dataset(f"npz:{tmp_path / 'absent.npz'}", "train")
+    with pytest.raises(DatasetError, match=f"no such file or directory: {tmp_path}/scans"):
+        load_dataset(f"imagefolder:{tmp_path / 'scans'}", "train")
 
 
 def test_npz_files_holding_pickled_objects_are_refused(tmp_path: Path) -> None:
