@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from aggregator.cli import LOG_FORMAT, submit_job
+from aggregator.cli import submit_job
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
@@ -39,6 +39,7 @@ from shared.jobs import (
     TrainingConfig,
     load_job_file,
 )
+from shared.logs import add_logging_arguments, configure_logging
 from shared.models import build_model
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: auto)")
     p.add_argument("--quiet", action="store_true", help="no live progress")
-    p.add_argument("--log-level", default=os.environ.get("FEDQ_LOG_LEVEL", "WARNING"))
+    add_logging_arguments(p, "WARNING")
     args = p.parse_args(argv)
     args.sites = site_data(args.data)
     args.workers = worker_count(args.workers, args.sites)
@@ -201,7 +202,7 @@ def slowdowns(text: str | None, workers: int) -> list[float]:
 def run_main(argv: Sequence[str] | None = None) -> int:
     """Run a federation, show live progress, print the summary; exit 0 when it completed."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    configure_logging(args.log_level, args.library_log_level)
     spec = job_spec(args)
     factors = slowdowns(args.slowdown, args.workers)
     job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
@@ -317,6 +318,7 @@ def run_processes(
     prefix = f"fedq-run-{uuid.uuid4().hex[:6]}"
     threads = worker_threads(args, args.workers)
     common = ["--broker", args.broker, "--prefix", prefix, "--log-level", args.log_level]
+    common += ["--library-log-level", args.library_log_level]
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     aggregator = _spawn(

@@ -20,12 +20,14 @@ and then raises ConnectionLostError.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -389,19 +391,23 @@ class RabbitMQTransport(Transport):
                 raise _refusal(what, e, publishing) from e
 
     def _connect(self, deadline: float, attempt: int = 0) -> None:
-        """Open connection and channel and restore earlier declarations, with backoff."""
-        last: Exception | None = None
+        """Open connection and channel and restore earlier declarations, with backoff.
+
+        Each failed attempt is one warning line (where, attempt n, why, next try in s), without
+        a traceback: the failure is expected and retried, and pika's own account of it is
+        silenced (see _quiet_pika_connect) unless pika's loggers are asked for DEBUG.
+        """
+        if attempt > 0:
+            delay = self.reconnect_policy.delay(attempt - 1)
+            if time.monotonic() + delay > deadline:
+                raise ConnectionLostError(
+                    f"no connection to {self._url} within {self.reconnect_policy.give_up_s:g} s"
+                )
+            time.sleep(delay)
         while True:
-            if attempt > 0:
-                delay = self.reconnect_policy.delay(attempt - 1)
-                if time.monotonic() + delay > deadline:
-                    raise ConnectionLostError(
-                        f"no connection to {self._url} within "
-                        f"{self.reconnect_policy.give_up_s:g} s: {last!r}"
-                    ) from last
-                time.sleep(delay)
             try:
-                self._open()
+                with _quiet_pika_connect():
+                    self._open()
                 return
             except _REFUSED as e:
                 self._drop_connection()
@@ -410,10 +416,29 @@ class RabbitMQTransport(Transport):
                 self._drop_connection()
                 raise TransportError(f"restoring the topology on {self._url} failed: {e!r}") from e
             except (pika.exceptions.AMQPError, OSError) as e:
-                logger.warning("cannot connect to %s (attempt %d): %r", self._url, attempt + 1, e)
                 self._drop_connection()
-                last = e
+                delay = self.reconnect_policy.delay(attempt)
                 attempt += 1
+                if time.monotonic() + delay > deadline:
+                    logger.error(
+                        "cannot connect to RabbitMQ at %s (attempt %d): %s; giving up",
+                        self._url,
+                        attempt,
+                        connect_failure(e),
+                    )
+                    raise ConnectionLostError(
+                        f"no connection to {self._url} within "
+                        f"{self.reconnect_policy.give_up_s:g} s ({attempt} attempts): "
+                        f"{connect_failure(e)}"
+                    ) from e
+                logger.warning(
+                    "cannot connect to RabbitMQ at %s (attempt %d): %s; next attempt in %.1f s",
+                    self._url,
+                    attempt,
+                    connect_failure(e),
+                    delay,
+                )
+                time.sleep(delay)
 
     def _open(self) -> None:
         self._generation += 1
@@ -451,6 +476,70 @@ class RabbitMQTransport(Transport):
             connection.close()
         except (pika.exceptions.AMQPError, OSError) as e:
             logger.debug("closing the connection to %s failed: %r", self._url, e)
+
+
+def connect_failure(error: BaseException) -> str:
+    """Why a connection attempt failed, in a few words: pika nests the cause (in args, in
+    `exception` of a phase error, last of `exceptions` of a failed workflow)."""
+    cause = error
+    for _ in range(8):
+        nested = [
+            *(a for a in cause.args if isinstance(a, BaseException)),
+            getattr(cause, "exception", None),
+            *reversed(getattr(cause, "exceptions", ())),
+        ]
+        inner = next((e for e in nested if isinstance(e, BaseException)), None)
+        if inner is None:
+            break
+        cause = inner
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    text = str(cause).strip("(),' ")
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+# pika's BlockingConnection logs every failed attempt on its module loggers, at ERROR and with a
+# traceback (logger.exception in _create_connection), and then raises the error, which _connect
+# reports in one line of its own. pika resolves host names on a thread of its own, so what is
+# silenced is every pika record made while some transport is connecting, not only the records of
+# the connecting thread.
+class _WhileConnecting(logging.Filter):
+    """Drops pika's records while a connection attempt runs, unless pika logs at DEBUG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.attempts == 0:
+            return True
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_PIKA_FILTER = _WhileConnecting()
+
+
+@contextlib.contextmanager
+def _quiet_pika_connect() -> Iterator[None]:
+    """Silence pika's own account of a connection attempt made inside this block."""
+    # A filter applies only to records made on its own logger, so each of pika's gets it.
+    loggers = list(logging.Logger.manager.loggerDict.items())
+    pika_loggers = [
+        found
+        for name, found in loggers
+        if name.split(".")[0] == "pika" and isinstance(found, logging.Logger)
+    ]
+    for pika_logger in pika_loggers:
+        if _PIKA_FILTER not in pika_logger.filters:
+            pika_logger.addFilter(_PIKA_FILTER)
+    with _PIKA_FILTER.lock:
+        _PIKA_FILTER.attempts += 1
+    try:
+        yield
+    finally:
+        with _PIKA_FILTER.lock:
+            _PIKA_FILTER.attempts -= 1
 
 
 def read_in_large_pieces(connection: Any, size: int = RECV_BYTES) -> bool:
