@@ -317,7 +317,8 @@ def run_processes(
     """The aggregator and each worker as separate processes over RabbitMQ."""
     prefix = f"fedq-run-{uuid.uuid4().hex[:6]}"
     threads = worker_threads(args, args.workers)
-    common = ["--broker", args.broker, "--prefix", prefix, "--log-level", args.log_level]
+    # The broker URL goes in FEDQ_BROKER (see _spawn), not on command lines that `ps` shows.
+    common = ["--prefix", prefix, "--log-level", args.log_level]
     common += ["--library-log-level", args.library_log_level]
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
@@ -325,6 +326,7 @@ def run_processes(
         "aggregator",
         [*common, "--state-dir", str(out / "state"), "--output-dir", str(out), "--max-jobs", "1"],
         logs / "aggregator.log",
+        args.broker,
     )
     workers = []
     for i in range(args.workers):
@@ -333,7 +335,7 @@ def run_processes(
             argv += [f"--{name.replace('_', '-')}", str(value)]
         argv += ["--seed", str(spec.seed + i)]
         argv += ["--threads", str(threads)]
-        workers.append(_spawn("worker", argv, logs / f"worker-w{i}.log"))
+        workers.append(_spawn("worker", argv, logs / f"worker-w{i}.log", args.broker))
     try:
         submit_job(args.broker, prefix, job_id, spec)
         while aggregator.poll() is None:
@@ -362,10 +364,14 @@ def run_processes(
             transport.close()
 
 
-def _spawn(service: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(service: str, argv: list[str], log: Path, broker: str) -> subprocess.Popen[bytes]:
+    """Start `python -m service`; the broker URL, password and all, travels in its environment."""
     with open(log, "wb") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", service, *argv], stdout=fh, stderr=subprocess.STDOUT
+            [sys.executable, "-m", service, *argv],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"FEDQ_BROKER": broker},
         )
 
 

@@ -118,16 +118,18 @@ class _FakeTransport:
         pass
 
 
-def test_a_rabbitmq_run_passes_each_worker_process_its_own_data_file_and_hides_the_password(
+def test_a_rabbitmq_run_gives_each_worker_process_its_own_data_file_and_shows_no_password(
     sites: list[str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     spawned: list[tuple[str, list[str]]] = []
+    brokers: list[str] = []
 
-    def spawn(service: str, argv: list[str], log: Path) -> _FakeProcess:
+    def spawn(service: str, argv: list[str], log: Path, broker: str) -> _FakeProcess:
         spawned.append((service, argv))
+        brokers.append(broker)
         return _FakeProcess()
 
     submitted: list[str] = []
@@ -150,3 +152,6 @@ def test_a_rabbitmq_run_passes_each_worker_process_its_own_data_file_and_hides_t
     workers = [argv for service, argv in spawned if service == "worker"]
     assert [argv[argv.index("--data") + 1] for argv in workers] == sites
     assert not any("--dataset" in argv or "--partition" in argv for argv in workers)
+    # The password is in no command line (`ps` shows those): the URL goes in the environment.
+    assert not any("s3cret-pw" in arg for _, argv in spawned for arg in argv)
+    assert brokers == [broker] * 4
