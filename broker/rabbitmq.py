@@ -20,14 +20,12 @@ and then raises ConnectionLostError.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import random
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -395,7 +393,7 @@ class RabbitMQTransport(Transport):
 
         Each failed attempt is one warning line (where, attempt n, why, next try in s), without
         a traceback: the failure is expected and retried, and pika's own account of it is
-        silenced (see _quiet_pika_connect) unless pika's loggers are asked for DEBUG.
+        left out (see _PikaFailures) unless pika's loggers are asked for DEBUG.
         """
         if attempt > 0:
             delay = self.reconnect_policy.delay(attempt - 1)
@@ -406,8 +404,7 @@ class RabbitMQTransport(Transport):
             time.sleep(delay)
         while True:
             try:
-                with _quiet_pika_connect():
-                    self._open()
+                self._open()
                 return
             except _REFUSED as e:
                 self._drop_connection()
@@ -447,6 +444,7 @@ class RabbitMQTransport(Transport):
         # Chunks held from the old connection will be redelivered: start their sets afresh.
         old = self._reassembler
         self._reassembler = type(old)(old.max_pending_bytes, old.max_age_s)
+        quiet_pika_failures()  # here: a pika module imported since the last time has a logger
         self._connection = pika.BlockingConnection(self._params)
         read_in_large_pieces(self._connection)
         self._channel = self._connection.channel()
@@ -498,32 +496,27 @@ def connect_failure(error: BaseException) -> str:
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
-# pika's BlockingConnection logs every failed attempt on its module loggers, at ERROR and with a
-# traceback (logger.exception in _create_connection), and then raises the error, which _connect
-# reports in one line of its own. pika resolves host names on a thread of its own, so what is
-# silenced is every pika record made while some transport is connecting, not only the records of
-# the connecting thread.
-class _WhileConnecting(logging.Filter):
-    """Drops pika's records while a connection attempt runs, unless pika logs at DEBUG."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attempts = 0
-        self.lock = threading.Lock()
+# pika logs its failures on its module loggers - a failed connection attempt as several ERROR
+# lines and a traceback (logger.exception in BlockingConnection._create_connection), a lost
+# connection as ERROR lines with the caller's stack - and then raises them to this module, which
+# retries and reports each in one line of fedq's own. So pika's own warnings and errors are
+# duplicates, left out unless pika's loggers are asked for DEBUG (--library-log-level DEBUG),
+# where they belong to pika's step-by-step account; its INFO lines follow the libraries' level.
+class _PikaFailures(logging.Filter):
+    """Drops pika's WARNING-and-above records unless pika's loggers are at DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.attempts == 0:
+        if record.levelno < logging.WARNING:
             return True
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
-_PIKA_FILTER = _WhileConnecting()
+_PIKA_FILTER = _PikaFailures()
 
 
-@contextlib.contextmanager
-def _quiet_pika_connect() -> Iterator[None]:
-    """Silence pika's own account of a connection attempt made inside this block."""
-    # A filter applies only to records made on its own logger, so each of pika's gets it.
+def quiet_pika_failures() -> None:
+    """Put the filter on every pika logger (idempotent; a filter covers only its own logger's
+    records, and pika has one logger per module, so each gets it)."""
     loggers = list(logging.Logger.manager.loggerDict.items())
     pika_loggers = [
         found
@@ -533,13 +526,6 @@ def _quiet_pika_connect() -> Iterator[None]:
     for pika_logger in pika_loggers:
         if _PIKA_FILTER not in pika_logger.filters:
             pika_logger.addFilter(_PIKA_FILTER)
-    with _PIKA_FILTER.lock:
-        _PIKA_FILTER.attempts += 1
-    try:
-        yield
-    finally:
-        with _PIKA_FILTER.lock:
-            _PIKA_FILTER.attempts -= 1
 
 
 def read_in_large_pieces(connection: Any, size: int = RECV_BYTES) -> bool:
