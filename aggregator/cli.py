@@ -21,13 +21,13 @@ from broker import Topology, connect
 from broker.topology import JOB_ROUTING_KEY
 from shared.errors import ConfigError, FedqError
 from shared.jobs import JobSpec, load_job_file
+from shared.logs import DEFAULT_LIBRARY_LEVEL, add_logging_arguments, configure_logging
 from shared.messages import ID_PATTERN, Cancel, Job, Message, encode_message
 from shared.ops import Health, Operations
 from shared.settings import load_settings, masked
 from shared.shapes import check_job
 
 logger = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-jobs", dest="max_jobs", type=int, help="exit after N jobs")
     parser.add_argument("--worker-timeout", dest="worker_timeout_s", type=float)
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
-    parser.add_argument("--log-level", default=os.environ.get("FEDQ_LOG_LEVEL", "INFO"))
+    add_logging_arguments(parser, "INFO")
 
 
 def aggregator_settings(args: argparse.Namespace) -> AggregatorSettings:
@@ -56,7 +56,7 @@ def aggregator_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedq aggregator")
     add_aggregator_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    configure_logging(args.log_level, args.library_log_level)
     settings = aggregator_settings(args)
     logger.info("settings: %s", masked(settings))
     registry, health = CollectorRegistry(), Health()
@@ -196,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args and args[0] in ("-h", "--help") else 2
     command, rest = args[0], args[1:]
     try:
+        # The one-shot commands log only what goes wrong; the services set their own levels.
+        configure_logging(
+            os.environ.get("FEDQ_LOG_LEVEL", "WARNING"),
+            os.environ.get("FEDQ_LIBRARY_LOG_LEVEL", DEFAULT_LIBRARY_LEVEL),
+        )
         if command == "broker":
             from broker.admin import broker_main
 

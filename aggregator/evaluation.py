@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,13 +50,18 @@ class Evaluator:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The outcome of evaluating one version: scores, or the error that prevented them."""
+    """The outcome of evaluating one version: scores, or the error that prevented them.
+
+    tensors are the very arrays that were scored (the version's, never modified), so that the
+    best model saved is the one evaluated, not whatever the model has become since.
+    """
 
     version: int
     accuracy: float | None
     loss: float | None
     seconds: float
     error: str | None = None
+    tensors: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
 
 class BackgroundEvaluator:
@@ -126,5 +131,5 @@ def _evaluate(evaluator: Evaluator, version: int, tensors: Mapping[str, np.ndarr
         accuracy, loss = evaluator.evaluate(tensors)
     except Exception as e:  # the thread's edge: a failed evaluation must not stop the job
         logger.exception("evaluating version %d failed", version)
-        return Evaluation(version, None, None, time.perf_counter() - started, f"{e!r}")
-    return Evaluation(version, accuracy, loss, time.perf_counter() - started)
+        return Evaluation(version, None, None, time.perf_counter() - started, f"{e!r}", tensors)
+    return Evaluation(version, accuracy, loss, time.perf_counter() - started, tensors=tensors)

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from aggregator.cli import LOG_FORMAT, submit_job
+from aggregator.cli import submit_job
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology, connect
-from shared.datasets import load_dataset
+from broker.rabbitmq import masked_url
+from shared.datasets import list_datasets, load_dataset
 from shared.errors import ConfigError
 from shared.jobs import (
     JobSpec,
@@ -37,6 +38,7 @@ from shared.jobs import (
     TrainingConfig,
     load_job_file,
 )
+from shared.logs import add_logging_arguments, configure_logging
 from shared.shapes import check_model_takes_data, complete_model
 
 logger = logging.getLogger(__name__)
@@ -46,11 +48,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Flags of `fedq run`."""
     p = argparse.ArgumentParser(prog="fedq run", description="Run a federation on this machine.")
     p.add_argument("--job", help="job TOML file; the flags below override it")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--name", help="job name, the start of the job id (default: the job's, or demo)")
+    p.add_argument("--workers", type=int, help="default: one per --data file, else 4")
     p.add_argument("--strategy", choices=["fedavg", "fedbuff", "fedasync"])
     p.add_argument("--model", help="fednet | cnn | mlp | torchvision:NAME | module:function")
     p.add_argument("--dataset", help="mnist5k | digits | a data set spec")
-    p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
+    p.add_argument("--partition", help="iid (default) | dirichlet:ALPHA | shards:K")
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE,FILE,...",
+        help="each worker's own data (.npz, ImageFolder dir or data set spec), one per worker, "
+        "comma-separated or repeated; instead of a share of --dataset",
+    )
     p.add_argument("--target-accuracy", type=float)
     p.add_argument("--max-time", type=float, help="seconds")
     p.add_argument("--max-versions", type=int)
@@ -73,8 +83,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: auto)")
     p.add_argument("--quiet", action="store_true", help="no live progress")
-    p.add_argument("--log-level", default=os.environ.get("FEDQ_LOG_LEVEL", "WARNING"))
-    return p.parse_args(argv)
+    add_logging_arguments(p, "WARNING")
+    args = p.parse_args(argv)
+    args.sites = site_data(args.data)
+    args.workers = worker_count(args.workers, args.sites)
+    if args.sites and args.partition is not None:
+        raise ConfigError(
+            "--partition divides --dataset among the workers; with --data each worker "
+            "trains on its own file: give one or the other"
+        )
+    args.partition = args.partition or "iid"
+    return args
+
+
+def site_data(values: list[str] | None) -> list[str]:
+    """The per-worker data of --data (comma-separated, repeatable); files must exist."""
+    sites = [item.strip() for value in values or [] for item in value.split(",")]
+    if any(not site for site in sites):
+        raise ConfigError(f"--data has an empty entry: {','.join(values or [])!r}")
+    for site in sites:
+        # A data set spec (npz:PATH, torchvision:..., module:function, a built-in name) is
+        # passed on as it is; anything else names a file or directory, which must be there.
+        if not os.path.exists(site) and ":" not in site and site not in list_datasets():
+            raise ConfigError(f"--data {site}: no such file or directory")
+    return [os.path.abspath(site) if os.path.exists(site) else site for site in sites]
+
+
+def worker_count(workers: int | None, sites: list[str]) -> int:
+    """--workers, which defaults to the number of --data entries (else 4) and must match it."""
+    if workers is None:
+        return len(sites) or 4
+    if workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    if sites and workers != len(sites):
+        raise ConfigError(
+            f"--workers {workers} but {len(sites)} --data entries: give one data file per "
+            "worker (or leave --workers out)"
+        )
+    return workers
 
 
 def job_spec(args: argparse.Namespace) -> JobSpec:
@@ -86,6 +132,8 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
             name="demo", stop=StopConfig(max_versions=100, target_accuracy=0.95, max_time_s=600)
         )
     )
+    if args.name is not None:
+        spec = replace(spec, name=args.name)  # validated again: the name starts the job id
     dataset = args.dataset or spec.dataset
     # The job's input shape and classes, else the data's (shared.shapes, as submit and the
     # aggregator do); checked on the data here, with the registry's message, not in a service.
@@ -155,9 +203,7 @@ def slowdowns(text: str | None, workers: int) -> list[float]:
 def run_main(argv: Sequence[str] | None = None) -> int:
     """Run a federation, show live progress, print the summary; exit 0 when it completed."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
-    if args.workers < 1:
-        raise ConfigError("--workers must be >= 1")
+    configure_logging(args.log_level, args.library_log_level)
     spec = job_spec(args)
     factors = slowdowns(args.slowdown, args.workers)
     job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
@@ -165,9 +211,14 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     if (out / "history.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    data = (
+        f"{len(args.sites)} site data files, evaluated on {spec.dataset}"
+        if args.sites
+        else f"{spec.dataset} {args.partition}"
+    )
     print(
         f"fedq run: job {job_id}, {args.workers} workers, {spec.strategy.name}, "
-        f"model {spec.model.name}, {spec.dataset} {args.partition}, broker {args.broker}"
+        f"model {spec.model.name}, {data}, broker {masked_url(args.broker)}"
     )
     print(f"  run directory: {out}")
     progress = Progress(out / "history.jsonl", quiet=args.quiet)
@@ -214,12 +265,8 @@ def run_embedded(
         ws = WorkerSettings(
             worker_id=f"w{index}",
             broker="memory",
-            dataset=spec.dataset,
-            partition=args.partition,
-            num_partitions=args.workers,
-            partition_index=index,
+            **_local_data(spec, args, index),
             slowdown=factors[index],
-            partition_seed=spec.seed,
             seed=spec.seed + index,
             device="cpu",
             hello_interval_s=2.0,
@@ -241,6 +288,19 @@ def run_embedded(
         t.join(60)
 
 
+def _local_data(spec: JobSpec, args: argparse.Namespace, index: int) -> dict[str, Any]:
+    """Worker `index`'s data settings: its own --data entry, or its share of the data set."""
+    if args.sites:
+        return {"data": args.sites[index]}
+    return {
+        "dataset": spec.dataset,
+        "partition": args.partition,
+        "num_partitions": args.workers,
+        "partition_index": index,
+        "partition_seed": spec.seed,
+    }
+
+
 def _job_body(job_id: str, spec: JobSpec) -> bytes:
     from shared.messages import Job, encode_message
 
@@ -258,22 +318,25 @@ def run_processes(
     """The aggregator and each worker as separate processes over RabbitMQ."""
     prefix = f"fedq-run-{uuid.uuid4().hex[:6]}"
     threads = worker_threads(args, args.workers)
-    common = ["--broker", args.broker, "--prefix", prefix, "--log-level", args.log_level]
+    # The broker URL goes in FEDQ_BROKER (see _spawn), not on command lines that `ps` shows.
+    common = ["--prefix", prefix, "--log-level", args.log_level]
+    common += ["--library-log-level", args.library_log_level]
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     aggregator = _spawn(
         "aggregator",
         [*common, "--state-dir", str(out / "state"), "--output-dir", str(out), "--max-jobs", "1"],
         logs / "aggregator.log",
+        args.broker,
     )
     workers = []
     for i in range(args.workers):
-        argv = [*common, "--worker-id", f"w{i}", "--dataset", spec.dataset]
-        argv += ["--partition", args.partition, "--num-partitions", str(args.workers)]
-        argv += ["--partition-index", str(i), "--slowdown", str(factors[i])]
-        argv += ["--partition-seed", str(spec.seed), "--seed", str(spec.seed + i)]
+        argv = [*common, "--worker-id", f"w{i}", "--slowdown", str(factors[i])]
+        for name, value in _local_data(spec, args, i).items():
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+        argv += ["--seed", str(spec.seed + i)]
         argv += ["--threads", str(threads)]
-        workers.append(_spawn("worker", argv, logs / f"worker-w{i}.log"))
+        workers.append(_spawn("worker", argv, logs / f"worker-w{i}.log", args.broker))
     try:
         submit_job(args.broker, prefix, job_id, spec)
         while aggregator.poll() is None:
@@ -302,10 +365,14 @@ def run_processes(
             transport.close()
 
 
-def _spawn(service: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(service: str, argv: list[str], log: Path, broker: str) -> subprocess.Popen[bytes]:
+    """Start `python -m service`; the broker URL, password and all, travels in its environment."""
     with open(log, "wb") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", service, *argv], stdout=fh, stderr=subprocess.STDOUT
+            [sys.executable, "-m", service, *argv],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"FEDQ_BROKER": broker},
         )
 
 
@@ -346,9 +413,11 @@ def print_summary(s: dict[str, Any]) -> None:
     reached = "n/a"
     if target is not None:
         reached = f"{s['time_to_target_s']:.1f}s" if s["reached_target"] else "not reached"
+    best = (s.get("models") or {}).get("best")
+    best_at = f" at v{best['version']}" if best else ""
     print(
         f"summary: {s['stop_reason']} after {s['wall_time_s']:.1f}s, {s['versions']} versions, "
         f"final accuracy {100 * (s['final_accuracy'] or 0):.2f}% "
-        f"(best {100 * s['best_accuracy']:.2f}%), time to {target}: {reached}, "
+        f"(best {100 * s['best_accuracy']:.2f}%{best_at}), time to {target}: {reached}, "
         f"updates accepted {s['updates_accepted']}, rejected {s['updates_rejected']}"
     )

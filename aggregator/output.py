@@ -1,4 +1,4 @@
-"""A job's run directory: history.jsonl, summary.json and the final model as safetensors."""
+"""A job's run directory: history, summary, the last and the best model as safetensors."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save as safetensors_save
 
 from shared.ops import json_text
+
+# The last version of a job, and the best evaluated one (highest held-out accuracy).
+MODEL_FILE = "model.safetensors"
+BEST_MODEL_FILE = "model-best.safetensors"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -73,7 +78,20 @@ class RunDirectory:
         """Write summary.json atomically (NaN or infinite figures as null: it stays JSON)."""
         write_atomic(self.path / "summary.json", json_text(summary, indent=2).encode() + b"\n")
 
-    def write_model(self, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
-        """Write the model as model.safetensors (names in state_dict order), atomically."""
+    def write_model(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        metadata: Mapping[str, str],
+        file: str = MODEL_FILE,
+    ) -> None:
+        """Write a model as safetensors (names in state_dict order), atomically."""
         contiguous = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
-        write_atomic(self.path / "model.safetensors", safetensors_save(contiguous, dict(metadata)))
+        write_atomic(self.path / file, safetensors_save(contiguous, dict(metadata)))
+
+    def model_metadata(self, file: str) -> dict[str, str] | None:
+        """The metadata of a model file written before, or None if there is none."""
+        path = self.path / file
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="numpy") as fh:
+            return dict(fh.metadata() or {})

@@ -17,7 +17,7 @@ from aggregator.checkpoint import CheckpointStore
 from aggregator.evaluation import BackgroundEvaluator, Evaluation, Evaluator
 from aggregator.metrics import FAILURE_REASONS, AggregatorMetrics
 from aggregator.outcomes import CANCELLED, JobOutcomes
-from aggregator.output import RunDirectory
+from aggregator.output import BEST_MODEL_FILE, MODEL_FILE, RunDirectory
 from aggregator.settings import AggregatorSettings
 from aggregator.state import Accepted, JobState
 from broker.spool import ChunkSpool
@@ -67,6 +67,8 @@ class _Running:
     awaiting: set[int] = field(default_factory=set)
     last_evaluated: int | None = None
     best_accuracy: float = 0.0
+    # The version saved as model-best.safetensors (None until an evaluation succeeded).
+    best_version: int | None = None
     last_accuracy: float | None = None
     last_loss: float | None = None
     time_to_target_s: float | None = None
@@ -543,6 +545,7 @@ class AggregatorService:
         """Make the state durable, then ack every update it includes."""
         figures = {
             "best_accuracy": running.best_accuracy,
+            "best_version": running.best_version,
             "last_accuracy": running.last_accuracy,
             "last_loss": running.last_loss,
             "time_to_target_s": running.time_to_target_s,
@@ -620,7 +623,8 @@ class AggregatorService:
                 continue
             running.last_evaluated = version
             running.last_accuracy, running.last_loss = accuracy, loss
-            running.best_accuracy = max(running.best_accuracy, accuracy)
+            if running.best_version is None or accuracy > running.best_accuracy:
+                self._save_best(running, evaluation)
             self.metrics.eval_accuracy.set(accuracy)
             self.metrics.eval_loss.set(loss)
             target = running.job.spec.stop.target_accuracy
@@ -633,6 +637,16 @@ class AggregatorService:
                 if reached and running.time_to_target_s is None:
                     running.time_to_target_s = record["time_s"]
         self._write_history(running)
+
+    def _save_best(self, running: _Running, evaluation: Evaluation) -> None:
+        """Write the evaluated tensors as model-best.safetensors now, so a crash keeps them."""
+        assert evaluation.accuracy is not None
+        running.best_accuracy, running.best_version = evaluation.accuracy, evaluation.version
+        running.output.write_model(
+            evaluation.tensors,
+            _model_metadata(running, "best", evaluation.version, evaluation.accuracy),
+            BEST_MODEL_FILE,
+        )
 
     def _write_history(self, running: _Running) -> None:
         """Append the waiting lines, in version order, up to the first still being evaluated."""
@@ -666,7 +680,7 @@ class AggregatorService:
         return None
 
     def _finish(self, running: _Running) -> None:
-        state, spec = running.state, running.job.spec
+        state = running.state
         reason = self._stop_reason(running) or "stopped"
         self._apply_evaluations(running, running.evaluator.wait())
         # A diverged model is not scored: its NaN would say nothing the log does not.
@@ -676,9 +690,9 @@ class AggregatorService:
             final = running.evaluator.evaluate_now(state.version, state.model)
             self._apply_evaluations(running, [final])
         running.evaluator.close()
+        last = _models(running)["last"]
         running.output.write_model(
-            state.model,
-            {"job_id": running.job.job_id, "version": str(state.version), "model": spec.model.name},
+            state.model, _model_metadata(running, "last", state.version, last["accuracy"])
         )
         summary = self._summary(running, reason)
         for update_id in state.pending_update_ids:
@@ -789,6 +803,7 @@ class AggregatorService:
             "final_accuracy": running.last_accuracy,
             "final_loss": running.last_loss,
             "best_accuracy": max(running.best_accuracy, running.last_accuracy or 0.0),
+            "models": _models(running),
             "versions": state.version,
             "rounds": state.round,
             "updates_accepted": state.accepted,
@@ -820,6 +835,33 @@ def _version_metrics(running: _Running) -> dict[str, float]:
     return {key: value for key, value in out.items() if math.isfinite(value)}
 
 
+def _model_metadata(
+    running: _Running, kind: str, version: int, accuracy: float | None
+) -> dict[str, str]:
+    """A model file's safetensors metadata (strings only): which job, version and score."""
+    return {
+        "job_id": running.job.job_id,
+        "model": running.job.spec.model.name,
+        "kind": kind,
+        "version": str(version),
+        "accuracy": "" if accuracy is None else repr(accuracy),
+    }
+
+
+def _models(running: _Running) -> dict[str, Any]:
+    """summary.json's `models`: which file holds which version, with its held-out accuracy."""
+    state = running.state
+    last = running.last_accuracy if running.last_evaluated == state.version else None
+    best = None
+    if running.best_version is not None:
+        best = {
+            "file": BEST_MODEL_FILE,
+            "version": running.best_version,
+            "accuracy": running.best_accuracy,
+        }
+    return {"last": {"file": MODEL_FILE, "version": state.version, "accuracy": last}, "best": best}
+
+
 def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
     """Take back the service's own figures of a job from its checkpoint."""
     running.best_accuracy = float(figures["best_accuracy"])
@@ -829,3 +871,10 @@ def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
     running.bytes_received = int(figures["bytes_received"])
     running.bytes_sent = int(figures["bytes_sent"])
     running.last_evaluated = figures.get("last_evaluated")
+    running.best_version = figures.get("best_version")
+    # The best model is written as soon as its evaluation is in, which may be after the
+    # checkpoint: the file on disk, not the checkpoint, says which version it holds.
+    best = running.output.model_metadata(BEST_MODEL_FILE)
+    if best is not None and best.get("job_id") == running.job.job_id:
+        running.best_version = int(best["version"])
+        running.best_accuracy = max(running.best_accuracy, float(best["accuracy"]))

@@ -66,14 +66,6 @@ _REFUSED: tuple[type[Exception], ...] = (
 )
 
 
-_PIKA_CHANNEL_LOG = logging.getLogger("pika.channel")
-
-
-def _quiet_not_found(record: logging.LogRecord) -> bool:
-    """A log filter dropping pika's warning about a channel closed with 404 NOT_FOUND."""
-    return "NOT_FOUND" not in record.getMessage()
-
-
 @dataclass(frozen=True)
 class ReconnectPolicy:
     """How to retry a lost connection: exponential backoff with full jitter, then give up."""
@@ -232,16 +224,13 @@ class RabbitMQTransport(Transport):
 
         def check() -> bool:
             channel = self._connection.channel()
-            # The 404 is the answer, not a problem: keep pika from logging it as a warning.
-            _PIKA_CHANNEL_LOG.addFilter(_quiet_not_found)
+            # The 404 is the answer (pika's own warning about it is filtered with the others).
             try:
                 channel.exchange_declare(exchange, passive=True)
             except pika.exceptions.ChannelClosedByBroker as e:
                 if e.reply_code == 404:
                     return False
                 raise
-            finally:
-                _PIKA_CHANNEL_LOG.removeFilter(_quiet_not_found)
             if channel.is_open:
                 channel.close()
             return True
@@ -419,17 +408,20 @@ class RabbitMQTransport(Transport):
                 raise _refusal(what, e, publishing) from e
 
     def _connect(self, deadline: float, attempt: int = 0) -> None:
-        """Open connection and channel and restore earlier declarations, with backoff."""
-        last: Exception | None = None
+        """Open connection and channel and restore earlier declarations, with backoff.
+
+        Each failed attempt is one warning line (where, attempt n, why, next try in s), without
+        a traceback: the failure is expected and retried, and pika's own account of it is
+        left out (see _PikaFailures) unless pika's loggers are asked for DEBUG.
+        """
+        if attempt > 0:
+            delay = self.reconnect_policy.delay(attempt - 1)
+            if time.monotonic() + delay > deadline:
+                raise ConnectionLostError(
+                    f"no connection to {self._url} within {self.reconnect_policy.give_up_s:g} s"
+                )
+            time.sleep(delay)
         while True:
-            if attempt > 0:
-                delay = self.reconnect_policy.delay(attempt - 1)
-                if time.monotonic() + delay > deadline:
-                    raise ConnectionLostError(
-                        f"no connection to {self._url} within "
-                        f"{self.reconnect_policy.give_up_s:g} s: {last!r}"
-                    ) from last
-                time.sleep(delay)
             try:
                 self._open()
                 return
@@ -440,10 +432,29 @@ class RabbitMQTransport(Transport):
                 self._drop_connection()
                 raise TransportError(f"restoring the topology on {self._url} failed: {e!r}") from e
             except (pika.exceptions.AMQPError, OSError) as e:
-                logger.warning("cannot connect to %s (attempt %d): %r", self._url, attempt + 1, e)
                 self._drop_connection()
-                last = e
+                delay = self.reconnect_policy.delay(attempt)
                 attempt += 1
+                if time.monotonic() + delay > deadline:
+                    logger.error(
+                        "cannot connect to RabbitMQ at %s (attempt %d): %s; giving up",
+                        self._url,
+                        attempt,
+                        connect_failure(e),
+                    )
+                    raise ConnectionLostError(
+                        f"no connection to {self._url} within "
+                        f"{self.reconnect_policy.give_up_s:g} s ({attempt} attempts): "
+                        f"{connect_failure(e)}"
+                    ) from e
+                logger.warning(
+                    "cannot connect to RabbitMQ at %s (attempt %d): %s; next attempt in %.1f s",
+                    self._url,
+                    attempt,
+                    connect_failure(e),
+                    delay,
+                )
+                time.sleep(delay)
 
     def _open(self) -> None:
         self._generation += 1
@@ -451,6 +462,7 @@ class RabbitMQTransport(Transport):
         self._unsettled.clear()
         # Chunk sets in progress are kept: their envelopes were acked as they arrived, so only
         # the ones not yet received (or whose ack was lost) come again on the new connection.
+        quiet_pika_failures()  # here: a pika module imported since the last time has a logger
         self._connection = pika.BlockingConnection(self._params)
         read_in_large_pieces(self._connection)
         self._channel = self._connection.channel()
@@ -480,6 +492,58 @@ class RabbitMQTransport(Transport):
             connection.close()
         except (pika.exceptions.AMQPError, OSError) as e:
             logger.debug("closing the connection to %s failed: %r", self._url, e)
+
+
+def connect_failure(error: BaseException) -> str:
+    """Why a connection attempt failed, in a few words: pika nests the cause (in args, in
+    `exception` of a phase error, last of `exceptions` of a failed workflow)."""
+    cause = error
+    for _ in range(8):
+        nested = [
+            *(a for a in cause.args if isinstance(a, BaseException)),
+            getattr(cause, "exception", None),
+            *reversed(getattr(cause, "exceptions", ())),
+        ]
+        inner = next((e for e in nested if isinstance(e, BaseException)), None)
+        if inner is None:
+            break
+        cause = inner
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    text = str(cause).strip("(),' ")
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+# pika logs its failures on its module loggers - a failed connection attempt as several ERROR
+# lines and a traceback (logger.exception in BlockingConnection._create_connection), a lost
+# connection as ERROR lines with the caller's stack - and then raises them to this module, which
+# retries and reports each in one line of fedq's own. So pika's own warnings and errors are
+# duplicates, left out unless pika's loggers are asked for DEBUG (--library-log-level DEBUG),
+# where they belong to pika's step-by-step account; its INFO lines follow the libraries' level.
+class _PikaFailures(logging.Filter):
+    """Drops pika's WARNING-and-above records unless pika's loggers are at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_PIKA_FILTER = _PikaFailures()
+
+
+def quiet_pika_failures() -> None:
+    """Put the filter on every pika logger (idempotent; a filter covers only its own logger's
+    records, and pika has one logger per module, so each gets it)."""
+    loggers = list(logging.Logger.manager.loggerDict.items())
+    pika_loggers = [
+        found
+        for name, found in loggers
+        if name.split(".")[0] == "pika" and isinstance(found, logging.Logger)
+    ]
+    for pika_logger in pika_loggers:
+        if _PIKA_FILTER not in pika_logger.filters:
+            pika_logger.addFilter(_PIKA_FILTER)
 
 
 def read_in_large_pieces(connection: Any, size: int = RECV_BYTES) -> bool:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from broker import MemoryBroker, Topology, connect
 from shared.datasets import list_datasets
+from shared.logs import add_logging_arguments, configure_logging
 from shared.ops import Health, Operations
 from shared.settings import load_settings, masked
 from worker.data import load_local_data
@@ -70,7 +71,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="0: no /metrics")
     parser.add_argument("--metrics-host", dest="metrics_host", help="default 0.0.0.0")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
-    parser.add_argument("--log-level", default=os.environ.get("FEDQ_LOG_LEVEL", "INFO"))
+    add_logging_arguments(parser, "INFO")
 
 
 def settings_from(args: argparse.Namespace) -> WorkerSettings:
@@ -113,9 +114,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedq worker", description=__doc__)
     add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(args.log_level, args.library_log_level)
     settings = settings_from(args)
     logger.info("settings: %s", masked(settings))
     registry, health = CollectorRegistry(), Health()

@@ -314,6 +314,14 @@ class WorkerService:
         )
         body = encode_message(update)
         cycle.marks["encode"] = time.perf_counter()
+        logger.info(
+            "job %s version %d: trained on %d examples, loss %.4f, in %.1f s",
+            task.job_id,
+            task.version,
+            num_samples,
+            metrics["loss"],
+            metrics["duration_s"],
+        )
         return _Finished(body, cycle)
 
     def _publish(self, finished: _Finished, noticed: float) -> None:

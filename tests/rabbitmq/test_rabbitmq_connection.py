@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -122,3 +123,21 @@ def test_a_topology_declared_before_the_loss_is_declared_again_after_it(scratch:
     assert [(d.body, d.queue) for d in deliveries] == [(b"task after the loss", t.task_queue("w1"))]
     assert scratch.depth(t.updates) == 0  # re-declared: a passive declare would fail otherwise
     assert transport.reconnects == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_lost_connection_is_one_fedq_warning_and_no_pika_error_or_stack(
+    scratch: Scratch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    transport = _subscribed_transport(scratch)
+
+    scratch.close_broker_connection(transport.connection_name)
+    transport.receive(2.0)  # notices the loss and reconnects
+    transport.close()
+
+    assert transport.reconnects == 1
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["broker.rabbitmq"]
+    assert "lost during receive" in warnings[0].getMessage()
+    assert warnings[0].exc_info is None
