@@ -12,6 +12,8 @@ from prometheus_client.registry import Collector
 JOB_STATES = ("idle", "running")
 # The reasons a worker gives for a task it cannot train that get a label of their own; any other
 # (the wire allows any short code) is counted as "other", so the label stays bounded.
+# The reasons of workers' failure reports counted apart (others count as "other"). The metric
+# also has the aggregator's own finding, "no_task_queue": a task no queue is bound for.
 FAILURE_REASONS = ("data_mismatch", "training_error")
 
 

@@ -23,7 +23,7 @@ from aggregator.state import Accepted, JobState
 from broker.spool import ChunkSpool
 from broker.transport import Delivery, Transport
 from shared.chunks import Reassembler
-from shared.errors import ProtocolError, TransportError
+from shared.errors import ProtocolError, TransportError, UnroutableError
 from shared.jobs import TrainingConfig, to_dict
 from shared.messages import (
     Cancel,
@@ -253,13 +253,13 @@ class AggregatorService:
         if size > limit:
             # Not decoded at all: unpacking would hold another copy of a body this large.
             detail = f"{size} bytes exceed max_message_bytes {limit}"
-            logger.warning("rejecting a message from %s: %s", delivery.queue, detail)
+            logger.warning("rejecting a message from %s (too_large): %s", delivery.queue, detail)
             self.transport.reject(delivery, "too_large", detail)
             return
         try:
             message = decode_message(delivery.body)
         except ProtocolError as e:
-            logger.warning("rejecting a message from %s: %s", delivery.queue, e)
+            logger.warning("rejecting a message from %s (%s): %s", delivery.queue, e.reason, e)
             self.transport.reject(delivery, e.reason, str(e))
             return
         if isinstance(message, (Job, Cancel)) and delivery.queue != self.transport.topology.jobs:
@@ -324,7 +324,7 @@ class AggregatorService:
         self.metrics.update_size.observe(len(delivery.body))
         if self.settings.require_user_id and delivery.user_id != update.worker_id:
             detail = f"worker {update.worker_id!r} published as user {delivery.user_id!r}"
-            logger.warning("rejecting update %s: %s", update.update_id, detail)
+            logger.warning("rejecting update %s (user_mismatch): %s", update.update_id, detail)
             self.transport.reject(delivery, "user_mismatch", detail)
             return
         running = self._job
@@ -351,7 +351,9 @@ class AggregatorService:
         started = time.perf_counter()
         outcome = running.state.offer(update, self.clock())
         if not isinstance(outcome, Accepted):
-            logger.warning("rejecting update %s: %s", update.update_id, outcome.detail)
+            logger.warning(
+                "rejecting update %s (%s): %s", update.update_id, outcome.reason, outcome.detail
+            )
             running.output.append_rejection(
                 {
                     "update_id": update.update_id,
@@ -535,11 +537,28 @@ class AggregatorService:
                 model=model,
             )
             body = encode_message(task)
-            self.transport.publish(self.transport.topology.tasks, worker_id, body)
+            try:
+                self.transport.publish(self.transport.topology.tasks, worker_id, body)
+            except UnroutableError as e:
+                # A fact about that worker (a hello from an id with no task queue, or a queue
+                # deleted), not about the service: it is left out of this job.
+                self._no_task_queue(running, worker_id, str(e))
+                continue
             running.bytes_sent += len(body)
             self.metrics.bytes_sent.inc(len(body))
             state.note_task(worker_id, task.task_id, now)
         self.metrics.workers_active.set(len(state.alive_workers(now)))
+
+    def _no_task_queue(self, running: _Running, worker_id: str, detail: str) -> None:
+        """A task to this worker was unroutable: count it, task it no more for this job."""
+        self.metrics.worker_failures.labels("no_task_queue").inc()
+        if running.state.note_failure(worker_id, "", "no_task_queue", detail):
+            logger.warning(
+                "worker %s has no task queue (%s); it gets no more tasks for job %s",
+                worker_id,
+                detail,
+                running.job.job_id,
+            )
 
     def _checkpoint(self, running: _Running) -> None:
         """Make the state durable, then ack every update it includes."""
@@ -700,7 +719,7 @@ class AggregatorService:
                 {
                     "update_id": update_id,
                     "reason": "job_finished",
-                    "detail": "folded into the buffer after the last version",
+                    "detail": "accepted, but the job ended before a version took it",
                 }
             )
         running.output.write_summary(summary)

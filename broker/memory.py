@@ -12,7 +12,7 @@ from typing import Any
 from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import RawMessage, Transport
 from shared.chunks import DEFAULT_CHUNK_SIZE
-from shared.errors import PublishError, TransportError
+from shared.errors import PublishError, TransportError, UnroutableError
 
 
 @dataclass
@@ -75,7 +75,7 @@ class MemoryBroker:
             else:
                 targets = ex.bindings.get(routing_key, set())
             if not targets:
-                raise PublishError(f"message to {exchange!r}/{routing_key!r} is unroutable")
+                raise UnroutableError(f"message to {exchange!r}/{routing_key!r} is unroutable")
             for queue in targets:
                 self._queues[queue].append(_Queued(body, headers, user_id=user_id))
             self._lock.notify_all()

@@ -36,7 +36,13 @@ import pika.exceptions
 from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import RawMessage, Transport
 from shared.chunks import DEFAULT_CHUNK_SIZE
-from shared.errors import ConfigError, ConnectionLostError, PublishError, TransportError
+from shared.errors import (
+    ConfigError,
+    ConnectionLostError,
+    PublishError,
+    TransportError,
+    UnroutableError,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -565,7 +571,7 @@ def _refusal(what: str, error: Exception, publishing: bool) -> TransportError:
     """Translate a pika error that reconnecting cannot fix into fedq's error tree."""
     kind = PublishError if publishing else TransportError
     if isinstance(error, pika.exceptions.UnroutableError):
-        return PublishError(f"{what}: unroutable, no queue is bound for it")
+        return UnroutableError(f"{what}: unroutable, no queue is bound for it")
     if isinstance(error, pika.exceptions.NackError):
         return PublishError(f"{what}: the broker nacked the message")
     if isinstance(error, pika.exceptions.ChannelClosedByBroker):

@@ -66,6 +66,10 @@ class PublishError(TransportError):
     """A publish was not confirmed by the broker (nacked or unroutable)."""
 
 
+class UnroutableError(PublishError):
+    """No queue is bound for a published message (a worker id without a task queue)."""
+
+
 class ConnectionLostError(TransportError):
     """The connection to the broker was lost and could not be re-established in time."""
 
