@@ -30,9 +30,10 @@ from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology, connect
 from broker.rabbitmq import masked_url
 from shared.datasets import list_datasets, load_dataset
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FedqError
 from shared.jobs import (
     JobSpec,
+    ModelSpec,
     StopConfig,
     StrategyConfig,
     TrainingConfig,
@@ -96,6 +97,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_sites(model: ModelSpec, sites: list[str]) -> None:
+    """Refuse, before anything starts, a site's data that the model cannot take: every file is
+    on this machine, so a worker would only find out at its first task and leave the job."""
+    from worker.data import data_spec
+
+    for index, site in enumerate(sites):
+        try:
+            check_model_takes_data(model, load_dataset(data_spec(site), "train"))
+        except FedqError as e:
+            raise ConfigError(f"--data {site} (worker w{index}): {e}") from e
+
+
 def site_data(values: list[str] | None) -> list[str]:
     """The per-worker data of --data (comma-separated, repeatable); files must exist."""
     sites = [item.strip() for value in values or [] for item in value.split(",")]
@@ -140,6 +153,7 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
     data = load_dataset(dataset, "test")
     model = complete_model(replace(spec.model, name=args.model or spec.model.name), data)
     check_model_takes_data(model, data)
+    check_sites(model, args.sites)
     strategy = _with(
         spec.strategy,
         StrategyConfig,

@@ -155,3 +155,23 @@ def test_a_rabbitmq_run_gives_each_worker_process_its_own_data_file_and_shows_no
     # The password is in no command line (`ps` shows those): the URL goes in the environment.
     assert not any("s3cret-pw" in arg for _, argv in spawned for arg in argv)
     assert brokers == [broker] * 4
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "why"),
+    [
+        (np.zeros((4, 3, 8, 8), np.uint8), np.arange(4), "does not take"),
+        (np.zeros((4, 8, 8), np.uint8), np.array([0, 1, 2, 15]), "classes"),
+    ],
+)
+def test_a_site_file_the_model_cannot_take_is_refused_before_anything_starts(
+    sites: list[str], tmp_path: Path, x: np.ndarray, y: np.ndarray, why: str
+) -> None:
+    bad = tmp_path / "bad-site.npz"
+    np.savez(bad, x=x, y=y)
+    args = parse_args(["--data", f"{sites[0]},{bad}", "--dataset", "digits", "--model", "mlp"])
+
+    with pytest.raises(ConfigError, match=why) as caught:
+        job_spec(args)
+
+    assert str(bad) in str(caught.value) and "(worker w1)" in str(caught.value)
