@@ -122,22 +122,23 @@ def test_the_aggregator_counts_a_failure_stops_tasking_that_worker_and_the_job_g
         name="t",
         model=MODEL,
         dataset="digits",
-        strategy=StrategyConfig(name="fedasync", min_workers=2),
+        strategy=StrategyConfig(name="fedasync", min_workers=1),
         training=TrainingConfig(batch_size=16, max_batches=2),
         stop=StopConfig(max_versions=6),
     )
     MemoryTransport(memory, TOPOLOGY).publish(
         TOPOLOGY.jobs, JOB_ROUTING_KEY, encode_message(Job("job-1", spec))
     )
-    threads = [threading.Thread(target=w.run, daemon=True) for w in (good, bad)]
-    for thread in threads:
-        thread.start()
+    # The bad worker alone first: the job cannot end before its failure is in.
+    threads = [threading.Thread(target=w.run, daemon=True) for w in (bad, good)]
+    threads[0].start()
 
     deadline = time.monotonic() + 60
     while service._job is None or not service._job.state.failed:
         assert time.monotonic() < deadline, "no failure reached the aggregator"
         service.step(0.1)
     status = service.status()
+    threads[1].start()
     service.run()
     for w in (good, bad):
         w.stop()
