@@ -272,8 +272,7 @@ class AggregatorService:
         elif isinstance(message, Cancel):
             self._on_cancel(message, delivery)
         elif isinstance(message, Hello):
-            self._on_hello(message)
-            self.transport.ack(delivery)
+            self._on_hello(message, delivery)
         elif isinstance(message, Update):
             self._on_update(message, delivery)
         elif isinstance(message, Failure):
@@ -281,7 +280,14 @@ class AggregatorService:
         else:
             self.transport.reject(delivery, "unexpected_type")
 
-    def _on_hello(self, hello: Hello) -> None:
+    def _on_hello(self, hello: Hello, delivery: Delivery) -> None:
+        if self.settings.require_user_id and delivery.user_id != hello.worker_id:
+            # A hello in another site's name would take that site's tasks.
+            detail = f"worker {hello.worker_id!r} published as user {delivery.user_id!r}"
+            logger.warning("rejecting a hello (user_mismatch): %s", detail)
+            self.transport.reject(delivery, "user_mismatch", detail)
+            return
+        self.transport.ack(delivery)
         now = self.clock()
         self._known_workers[hello.worker_id] = (now, hello.num_samples)
         if self._job is not None:

@@ -15,7 +15,7 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology, connect
 from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
-from shared.messages import encode_message
+from shared.messages import Hello, encode_message
 
 pytestmark = pytest.mark.timeout(60)
 TOPOLOGY = Topology("fedq")
@@ -82,6 +82,20 @@ def test_require_user_id_takes_an_update_only_from_its_workers_user(
     assert running is not None
     assert running.state.version == (1 if accepted else 0)
     assert _dead_reasons(memory) == ([] if accepted else ["user_mismatch"])
+
+
+def test_require_user_id_refuses_a_hello_in_another_workers_name_and_sends_it_no_task(
+    tmp_path: Path,
+) -> None:
+    memory = MemoryBroker()
+    service = _aggregator(memory, tmp_path, require=True)
+    impostor = MemoryTransport(memory, TOPOLOGY, user="someone-else")
+    impostor.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(Hello(WORKER, 5, "cpu")))
+    service.run_until_idle(idle_s=0.01)
+
+    assert _dead_reasons(memory) == ["user_mismatch"]
+    assert memory.depth(TOPOLOGY.task_queue(WORKER)) == 0
+    assert service._job is not None and WORKER not in service._job.state.workers
 
 
 def test_without_require_user_id_the_user_is_not_checked(tmp_path: Path) -> None:
