@@ -280,12 +280,19 @@ class AggregatorService:
         else:
             self.transport.reject(delivery, "unexpected_type")
 
+    def _claims_another_user(self, worker_id: str, delivery: Delivery, what: str) -> bool:
+        """With require_user_id, dead-letter (and say so) a message in a worker's name that was
+        not published by that worker's broker user: a hello in another site's name would take
+        its tasks, an update or a failure would speak for it."""
+        if not self.settings.require_user_id or delivery.user_id == worker_id:
+            return False
+        detail = f"worker {worker_id!r} published as user {delivery.user_id!r}"
+        logger.warning("rejecting %s (user_mismatch): %s", what, detail)
+        self.transport.reject(delivery, "user_mismatch", detail)
+        return True
+
     def _on_hello(self, hello: Hello, delivery: Delivery) -> None:
-        if self.settings.require_user_id and delivery.user_id != hello.worker_id:
-            # A hello in another site's name would take that site's tasks.
-            detail = f"worker {hello.worker_id!r} published as user {delivery.user_id!r}"
-            logger.warning("rejecting a hello (user_mismatch): %s", detail)
-            self.transport.reject(delivery, "user_mismatch", detail)
+        if self._claims_another_user(hello.worker_id, delivery, "a hello"):
             return
         self.transport.ack(delivery)
         now = self.clock()
@@ -297,10 +304,7 @@ class AggregatorService:
     def _on_failure(self, failure: Failure, delivery: Delivery) -> None:
         """A worker cannot train a task: count it, and send that worker no more tasks for the
         job (else it would fail every task of it). The next job starts with a clean slate."""
-        if self.settings.require_user_id and delivery.user_id != failure.worker_id:
-            detail = f"worker {failure.worker_id!r} published as user {delivery.user_id!r}"
-            logger.warning("rejecting a failure report: %s", detail)
-            self.transport.reject(delivery, "user_mismatch", detail)
+        if self._claims_another_user(failure.worker_id, delivery, "a failure report"):
             return
         reason = failure.reason if failure.reason in FAILURE_REASONS else "other"
         self.metrics.worker_failures.labels(reason).inc()
@@ -328,10 +332,7 @@ class AggregatorService:
     def _on_update(self, update: Update, delivery: Delivery) -> None:
         self.metrics.updates_received.inc()
         self.metrics.update_size.observe(len(delivery.body))
-        if self.settings.require_user_id and delivery.user_id != update.worker_id:
-            detail = f"worker {update.worker_id!r} published as user {delivery.user_id!r}"
-            logger.warning("rejecting update %s (user_mismatch): %s", update.update_id, detail)
-            self.transport.reject(delivery, "user_mismatch", detail)
+        if self._claims_another_user(update.worker_id, delivery, f"update {update.update_id}"):
             return
         running = self._job
         if running is None or update.job_id != running.job.job_id:

@@ -17,7 +17,7 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
-from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
+from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
 from shared.messages import Hello, Job, Update, encode_message
 from shared.models import build_model, state_to_numpy
@@ -75,6 +75,17 @@ def send_delta(
     update = Update(JOB_ID, update_id, "w0", task_id, base, None, "delta", 10, tensors,
                     {"loss": 1.0}, sent_at=0.0)  # fmt: skip
     sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
+
+
+def dead_letters(memory: MemoryBroker) -> list[tuple[str, bytes]]:
+    """(reason, body) of every message on the dead queue so far, taken off it."""
+    reader = MemoryTransport(memory, TOPOLOGY)
+    reader.subscribe(TOPOLOGY.dead)
+    taken = []
+    while (delivery := reader.receive(0)) is not None:
+        taken.append((delivery.headers[REASON_HEADER], delivery.body))
+        reader.ack(delivery)
+    return taken
 
 
 def read_history(state_dir: Path) -> list[dict]:

@@ -13,13 +13,13 @@ from memory_job import (
     TOPOLOGY,
     aggregator,
     broker_with_job,
+    dead_letters,
     fedbuff_spec,
     read_history,
 )
 
-from aggregator.service import AggregatorService
-from broker import MemoryBroker, MemoryTransport
-from broker.topology import REASON_HEADER, UPDATE_ROUTING_KEY
+from broker import MemoryBroker
+from broker.topology import UPDATE_ROUTING_KEY
 from shared.chunks import split_payload
 from shared.messages import Update, encode_message
 
@@ -40,21 +40,6 @@ def _route(memory: MemoryBroker, envelopes: list[bytes]) -> None:
         memory.route(TOPOLOGY.updates, UPDATE_ROUTING_KEY, body, {})
 
 
-def _accepted(service: AggregatorService) -> float:
-    registry = service.metrics.updates_accepted
-    return float(registry._value.get())
-
-
-def _dead_reasons(memory: MemoryBroker) -> list[str]:
-    reader = MemoryTransport(memory, TOPOLOGY)
-    reader.subscribe(TOPOLOGY.dead)
-    reasons = []
-    while (delivery := reader.receive(0.01)) is not None:
-        reasons.append(delivery.headers[REASON_HEADER])
-        reader.ack(delivery)
-    return reasons
-
-
 def test_an_update_in_more_envelopes_than_any_prefetch_is_folded_with_every_envelope_acked_at_once(
     tmp_path: Path,
 ) -> None:
@@ -68,7 +53,7 @@ def test_an_update_in_more_envelopes_than_any_prefetch_is_folded_with_every_enve
     assert len(envelopes) > 32  # the aggregator's default prefetch
     assert [h["update_ids"] for h in read_history(tmp_path)[1:]] == [["u1"]]
     assert memory.depth(TOPOLOGY.updates) == 0
-    assert _dead_reasons(memory) == []
+    assert [reason for reason, _ in dead_letters(memory)] == []
 
 
 def test_half_a_chunk_set_received_before_a_crash_completes_after_the_restart(
@@ -88,7 +73,7 @@ def test_half_a_chunk_set_received_before_a_crash_completes_after_the_restart(
 
     assert memory.depth(TOPOLOGY.updates) == 0
     assert [h["update_ids"] for h in read_history(tmp_path)[1:]] == [["u1"]]
-    assert _dead_reasons(memory) == []
+    assert [reason for reason, _ in dead_letters(memory)] == []
 
 
 def test_a_reassembled_update_folded_but_not_checkpointed_before_a_crash_is_folded_once_after(
@@ -108,7 +93,7 @@ def test_a_reassembled_update_folded_but_not_checkpointed_before_a_crash_is_fold
 
     assert folded_before_crash == 1
     assert [h["update_ids"] for h in read_history(tmp_path)[1:]] == [["u1", "u2"]]
-    assert _dead_reasons(memory) == []
+    assert [reason for reason, _ in dead_letters(memory)] == []
     assert list((tmp_path / "chunks").iterdir()) == []  # settled sets leave the spool
 
 
@@ -123,7 +108,7 @@ def test_a_set_announcing_more_than_the_largest_message_is_refused_once_and_inta
     _route(memory, _envelopes("u1", 0, 0.01))
     service.run_until_idle()
 
-    reasons = _dead_reasons(memory)
+    reasons = [reason for reason, _ in dead_letters(memory)]
     assert reasons == ["too_large"] * 5  # every envelope dead-lettered, none lost
     rejected = service.metrics.updates_rejected.labels("too_large")._value.get()
     assert rejected == 1  # the set counts once
@@ -141,6 +126,6 @@ def test_a_new_set_past_the_set_count_limit_is_refused_as_chunk_limit_while_held
     _route(memory, first[1:] + second[1:] + third[1:])
     service.run_until_idle()
 
-    reasons = _dead_reasons(memory)
+    reasons = [reason for reason, _ in dead_letters(memory)]
     assert set(reasons) == {"chunk_limit"} and len(reasons) == len(third)
     assert [h["update_ids"] for h in read_history(tmp_path)[1:]] == [["u1", "u2"]]

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from memory_job import memory_worker
+from memory_job import dead_letters, memory_worker
 from prometheus_client import CollectorRegistry
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
-from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig
 from shared.messages import Cancel, Job, Message, Update, decode_message, encode_message
 
@@ -58,13 +57,6 @@ def _aggregator(memory: MemoryBroker, state_dir: Path) -> AggregatorService:
 def _publish(memory: MemoryBroker, message: Message, exchange: str = TOPOLOGY.jobs) -> None:
     key = JOB_ROUTING_KEY if exchange == TOPOLOGY.jobs else UPDATE_ROUTING_KEY
     MemoryTransport(memory, TOPOLOGY).publish(exchange, key, encode_message(message))
-
-
-def _dead(memory: MemoryBroker) -> Iterator[tuple[str, bytes]]:
-    reader = MemoryTransport(memory, TOPOLOGY)
-    reader.subscribe(TOPOLOGY.dead)
-    while (delivery := reader.receive(0)) is not None:
-        yield delivery.headers[REASON_HEADER], delivery.body
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -112,7 +104,9 @@ def test_cancelling_a_running_job_completes_its_run_directory_and_accounts_for_e
     rejected = [r["update_id"] for r in rejections]
     assert len(folded) + len(rejected) == len(set(folded + rejected))
     assert len(folded) + len(rejected) == sum(w.updates_sent for w in workers)
-    late = [decode_message(body) for reason, body in _dead(memory) if reason == "job_finished"]
+    late = [
+        decode_message(body) for reason, body in dead_letters(memory) if reason == "job_finished"
+    ]
     assert {u.update_id for u in late if isinstance(u, Update)} <= set(rejected)
     assert aggregator.status()["jobs_ended"] == {"finished": 0, "failed": 0, "cancelled": 1}
 
@@ -134,7 +128,7 @@ def test_cancelling_a_queued_job_ends_it_cancelled_without_training(
     assert status["job_id"] == "first" and status["queued_job_ids"] == []
     assert status["jobs_ended"] == {"finished": 0, "failed": 0, "cancelled": 1}
     assert not (tmp_path / "jobs" / "second").exists()
-    assert list(_dead(memory)) == []
+    assert list(dead_letters(memory)) == []
     assert memory.depth(TOPOLOGY.jobs) == 0
     outcomes = _lines(tmp_path / "job-outcomes.jsonl")
     assert [(o["job_id"], o["outcome"], o["stop_reason"]) for o in outcomes] == [
@@ -177,7 +171,7 @@ def test_a_cancel_for_an_ended_or_unknown_job_is_dead_lettered_with_its_reason(
     _publish(memory, Cancel("never-submitted"))
     aggregator.run_until_idle()
 
-    assert [reason for reason, _ in _dead(memory)] == ["job_finished", "unknown_job"]
+    assert [reason for reason, _ in dead_letters(memory)] == ["job_finished", "unknown_job"]
 
 
 @pytest.mark.timeout(60)
@@ -193,7 +187,7 @@ def test_a_cancel_or_a_job_on_the_updates_queue_is_rejected_as_unexpected_and_ch
     aggregator.run_until_idle()
 
     status = aggregator.status()
-    assert [reason for reason, _ in _dead(memory)] == ["unexpected_type", "unexpected_type"]
+    assert [reason for reason, _ in dead_letters(memory)] == ["unexpected_type", "unexpected_type"]
     assert status["job_id"] == "running" and status["queued_job_ids"] == []
     assert status["jobs_ended"] == {"finished": 0, "failed": 0, "cancelled": 0}
 
@@ -216,7 +210,7 @@ def test_a_job_that_cannot_start_is_shown_failed_with_its_reason_even_after_a_re
     assert "unknown model 'mpl'" in failed["detail"]
     assert restarted["jobs_ended"] == status["jobs_ended"]
     assert restarted["failed_jobs"] == status["failed_jobs"]
-    assert [reason for reason, _ in _dead(memory)] == ["bad_job"]
+    assert [reason for reason, _ in dead_letters(memory)] == ["bad_job"]
 
 
 @pytest.mark.timeout(60)
@@ -240,7 +234,7 @@ def test_an_update_for_an_ended_job_is_recorded_in_that_job_s_rejections_file(
         ("late-2", "job_finished"),
     ]
     assert "cancelled" in rejections[0]["detail"]
-    assert [reason for reason, _ in _dead(memory)] == ["job_finished", "job_finished"]
+    assert [reason for reason, _ in dead_letters(memory)] == ["job_finished", "job_finished"]
 
 
 @pytest.mark.timeout(60)

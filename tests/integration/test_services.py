@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
-from memory_job import memory_worker
+from memory_job import dead_letters, memory_worker
 from prometheus_client import CollectorRegistry
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
-from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig
 from shared.messages import (
     GlobalModel,
@@ -74,13 +73,6 @@ def _submit(memory: MemoryBroker, job_id: str, spec: JobSpec) -> None:
     )
 
 
-def _dead(memory: MemoryBroker) -> Iterator[tuple[str, bytes]]:
-    reader = MemoryTransport(memory, TOPOLOGY)
-    reader.subscribe(TOPOLOGY.dead)
-    while (delivery := reader.receive(0)) is not None:
-        yield delivery.headers[REASON_HEADER], delivery.body
-
-
 def _run_worker(worker: WorkerService) -> threading.Thread:
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
@@ -128,7 +120,7 @@ def test_malformed_messages_are_dead_lettered_with_a_reason_and_the_service_goes
 
     aggregator.run_until_idle()
 
-    reasons = [reason for reason, _ in _dead(memory)]
+    reasons = [reason for reason, _ in dead_letters(memory)]
     assert reasons == ["malformed", "protocol_version", "unknown_type", "missing_field"]
     rejected = aggregator.metrics.updates_rejected
     assert rejected.labels("malformed")._value.get() == 1
@@ -157,7 +149,7 @@ def test_an_update_for_a_job_that_is_not_running_is_rejected_as_unknown_job(
 
     aggregator.run_until_idle()
 
-    assert [reason for reason, _ in _dead(memory)] == ["unknown_job"]
+    assert [reason for reason, _ in dead_letters(memory)] == ["unknown_job"]
 
 
 @pytest.mark.timeout(60)
@@ -175,7 +167,7 @@ def test_a_job_that_cannot_start_is_rejected_and_the_next_job_runs(
     worker.stop()
     thread.join(10)
 
-    assert [reason for reason, _ in _dead(memory)] == ["bad_job"]
+    assert [reason for reason, _ in dead_letters(memory)] == ["bad_job"]
     assert (tmp_path / "jobs" / "good" / "summary.json").exists()
 
 
@@ -225,7 +217,7 @@ def test_a_worker_rejects_a_task_meant_for_another_worker(memory: MemoryBroker) 
 
     worker.step(0.1)
 
-    assert [reason for reason, _ in _dead(memory)] == ["wrong_worker"]
+    assert [reason for reason, _ in dead_letters(memory)] == ["wrong_worker"]
     assert not worker.busy
 
 

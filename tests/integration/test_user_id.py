@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 from hostile_input import WORKER, job, valid
+from memory_job import dead_letters
 from prometheus_client import CollectorRegistry
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology, connect
-from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
 from shared.messages import Hello, encode_message
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,16 +58,6 @@ def _aggregator(memory: MemoryBroker, tmp_path: Path, require: bool) -> Aggregat
     return service
 
 
-def _dead_reasons(memory: MemoryBroker) -> list[str]:
-    dead = MemoryTransport(memory, TOPOLOGY)
-    dead.subscribe(TOPOLOGY.dead)
-    reasons = []
-    while (delivery := dead.receive(0.01)) is not None:
-        reasons.append(delivery.headers[REASON_HEADER])
-        dead.ack(delivery)
-    return reasons
-
-
 @pytest.mark.parametrize(
     ("user", "accepted"), [(WORKER, True), ("someone-else", False), (None, False)]
 )
@@ -81,7 +72,7 @@ def test_require_user_id_takes_an_update_only_from_its_workers_user(
     running = service._job
     assert running is not None
     assert running.state.version == (1 if accepted else 0)
-    assert _dead_reasons(memory) == ([] if accepted else ["user_mismatch"])
+    assert [reason for reason, _ in dead_letters(memory)] == ([] if accepted else ["user_mismatch"])
 
 
 def test_require_user_id_refuses_a_hello_in_another_workers_name_and_sends_it_no_task(
@@ -93,7 +84,7 @@ def test_require_user_id_refuses_a_hello_in_another_workers_name_and_sends_it_no
     impostor.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(Hello(WORKER, 5, "cpu")))
     service.run_until_idle(idle_s=0.01)
 
-    assert _dead_reasons(memory) == ["user_mismatch"]
+    assert [reason for reason, _ in dead_letters(memory)] == ["user_mismatch"]
     assert memory.depth(TOPOLOGY.task_queue(WORKER)) == 0
     assert service._job is not None and WORKER not in service._job.state.workers
 
@@ -105,4 +96,4 @@ def test_without_require_user_id_the_user_is_not_checked(tmp_path: Path) -> None
     sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, valid(0).parts[0])
     service.run_until_idle(idle_s=0.01)
     assert service._job is not None and service._job.state.version == 1
-    assert _dead_reasons(memory) == []
+    assert [reason for reason, _ in dead_letters(memory)] == []
