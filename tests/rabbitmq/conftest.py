@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pika
 import pika.exceptions
 import pytest
-from rabbitmq_scratch import Scratch, Spawn, with_query
+from rabbitmq_scratch import Scratch, Spawn, Vhost, ctl, with_query
 
 from broker.topology import Topology
 
@@ -72,3 +72,20 @@ def spawn(scratch: Scratch, tmp_path: Path) -> Iterator[Spawn]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(30)
+
+
+@pytest.fixture
+def vhost(amqp_url: str) -> Iterator[Vhost]:
+    """A throw-away vhost with guest as its admin; its users are deleted with it."""
+    name = f"fedqperm-{uuid.uuid4().hex[:8]}"
+    ctl("add_vhost", name)
+    ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    made = Vhost(name, amqp_url)
+    try:
+        yield made
+    finally:
+        for transport in made.transports:
+            transport.close()
+        for user in made.users:
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True)
+        ctl("delete_vhost", name)

@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import pika
 
+from broker.admin import add_worker
 from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
 from broker.topology import Topology
 
@@ -137,3 +138,45 @@ class Scratch:
                 channel.exchange_delete(exchange)
         finally:
             connection.close()
+
+
+# The password of every worker account a test makes with Vhost.add_worker.
+PASSWORD = "worker-secret"
+
+
+def ctl(*args: str) -> None:
+    """Run rabbitmqctl quietly; fail on a non-zero exit."""
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@dataclass
+class Vhost:
+    """A vhost of its own, guest (the admin) on it, and the users made on it."""
+
+    name: str
+    base_url: str
+    topology: Topology = field(default_factory=lambda: Topology("fedq"))
+    users: list[str] = field(default_factory=list)
+    transports: list[RabbitMQTransport] = field(default_factory=list)
+
+    def url(self, user: str = "", password: str = "") -> str:
+        parts = urlsplit(self.base_url)
+        netloc = (
+            parts.netloc if not user else f"{user}:{password}@{parts.netloc.rpartition('@')[2]}"
+        )
+        return urlunsplit(parts._replace(netloc=netloc, path="/" + quote(self.name, safe="")))
+
+    def add_worker(self, name: str) -> str:
+        self.users.append(name)
+        add_worker(name, PASSWORD, vhost=self.name, topology=self.topology, admin_url=self.url())
+        return name
+
+    def transport(self, user: str = "", **kwargs: object) -> RabbitMQTransport:
+        transport = RabbitMQTransport(
+            self.url(user, PASSWORD if user else ""),
+            self.topology,
+            reconnect=ReconnectPolicy(base_s=0.1, cap_s=0.5, give_up_s=5.0),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self.transports.append(transport)
+        return transport

@@ -5,83 +5,25 @@ user_id the aggregator checks. Each test has a throw-away vhost and users, delet
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
 import pytest
 from hostile_input import JOB_ID, _update, job
 from prometheus_client import CollectorRegistry
+from rabbitmq_scratch import PASSWORD, Vhost
 
 from aggregator.cli import main as fedq_main
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
-from broker.admin import add_worker
-from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
-from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY, Topology
+from broker.rabbitmq import RabbitMQTransport
+from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
 from shared.errors import PublishError, TransportError
 from shared.messages import Cancel, encode_message
 
 pytestmark = pytest.mark.timeout(120)
-PASSWORD = "worker-secret"
-
-
-def _ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@dataclass
-class Vhost:
-    """A vhost of its own, guest (the admin) on it, and the users made on it."""
-
-    name: str
-    base_url: str
-    topology: Topology = field(default_factory=lambda: Topology("fedq"))
-    users: list[str] = field(default_factory=list)
-    transports: list[RabbitMQTransport] = field(default_factory=list)
-
-    def url(self, user: str = "", password: str = "") -> str:
-        parts = urlsplit(self.base_url)
-        netloc = (
-            parts.netloc if not user else f"{user}:{password}@{parts.netloc.rpartition('@')[2]}"
-        )
-        return urlunsplit(parts._replace(netloc=netloc, path="/" + quote(self.name, safe="")))
-
-    def add_worker(self, name: str) -> str:
-        self.users.append(name)
-        add_worker(name, PASSWORD, vhost=self.name, topology=self.topology, admin_url=self.url())
-        return name
-
-    def transport(self, user: str = "", **kwargs: object) -> RabbitMQTransport:
-        transport = RabbitMQTransport(
-            self.url(user, PASSWORD if user else ""),
-            self.topology,
-            reconnect=ReconnectPolicy(base_s=0.1, cap_s=0.5, give_up_s=5.0),
-            **kwargs,  # type: ignore[arg-type]
-        )
-        self.transports.append(transport)
-        return transport
-
-
-@pytest.fixture
-def vhost(amqp_url: str) -> Iterator[Vhost]:
-    name = f"fedqperm-{uuid.uuid4().hex[:8]}"
-    _ctl("add_vhost", name)
-    _ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    made = Vhost(name, amqp_url)
-    try:
-        yield made
-    finally:
-        for transport in made.transports:
-            transport.close()
-        for user in made.users:
-            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True)
-        _ctl("delete_vhost", name)
 
 
 def _worker_transport(vhost: Vhost, name: str) -> RabbitMQTransport:
