@@ -9,6 +9,7 @@ wrote itself on the one exchange it may write. Each test has a throw-away vhost 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import time
 import uuid
@@ -30,6 +31,7 @@ from aggregator.settings import AggregatorSettings
 from broker.admin import add_worker
 from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
 from broker.topology import (
+    DELIVERY_LIMIT,
     DETAIL_HEADER,
     JOB_ROUTING_KEY,
     REASON_HEADER,
@@ -208,3 +210,45 @@ def test_a_worker_dead_letters_a_task_it_cannot_decode_and_takes_the_next(site: 
     assert dead[1] == b"a poisoned task"
     assert dead[0].headers[REASON_HEADER] == "bad_properties"
     assert dead[0].headers[SOURCE_HEADER] == t.task_queue(name)
+
+
+def test_the_delivery_limit_policy_dead_letters_a_message_that_keeps_coming_back(
+    site: Site,
+) -> None:
+    t = site.topology
+    site.transport().declare()
+    policy = t.delivery_limit_policy()
+    _ctl(
+        "set_policy",
+        "-p",
+        site.name,
+        "--apply-to",
+        policy["apply-to"],
+        "--priority",
+        str(policy["priority"]),
+        policy["name"],
+        policy["pattern"],
+        json.dumps(policy["definition"]),
+    )
+    channel = site.channel()
+    channel.basic_publish(t.updates, UPDATE_ROUTING_KEY, b"kills its consumer", mandatory=True)
+
+    deliveries: list[int] = []
+
+    def die(ch: Any, method: Any, _properties: Any, _body: bytes) -> None:
+        deliveries.append(method.delivery_tag)
+        ch.basic_nack(method.delivery_tag, requeue=True)  # as a consumer that dies would
+
+    channel.basic_qos(prefetch_count=1)
+    channel.basic_consume(t.updates, die)
+    observer = site.channel()
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline and len(deliveries) <= 2 * DELIVERY_LIMIT:
+        channel.connection.process_data_events(time_limit=0.1)
+        if observer.queue_declare(t.dead, passive=True).method.message_count:
+            break
+
+    (dead,) = site.dead_letters()
+    assert dead[1] == b"kills its consumer"
+    assert DELIVERY_LIMIT <= len(deliveries) <= DELIVERY_LIMIT + 1
+    assert dead[0].headers["x-death"][0]["reason"] == "delivery_limit"
