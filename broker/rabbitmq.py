@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
+import pika.frame
+import pika.spec
 
 from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import RawMessage, Transport
@@ -85,6 +88,10 @@ class ReconnectPolicy:
         ceiling = min(self.cap_s, self.base_s * 2.0 ** min(attempt, 62))
         uniform = rng.uniform if rng is not None else random.uniform
         return uniform(0.0, ceiling)
+
+
+# The reason a message whose AMQP properties cannot be decoded is dead-lettered with.
+BAD_PROPERTIES = "bad_properties"
 
 
 @dataclass(frozen=True)
@@ -294,25 +301,38 @@ class RabbitMQTransport(Transport):
 
     def _receive_raw(self, timeout: float) -> RawMessage | None:
         deadline = time.monotonic() + max(0.0, timeout)
-        while not self._pending:
-            remaining = max(0.0, deadline - time.monotonic())
-            # process_data_events returns as soon as a delivery is dispatched, and answers
-            # heartbeats while it waits; time_limit=0 polls once.
-            self._run("receive", functools.partial(self._poll, remaining))
-            if remaining <= 0.0:
-                break
-        if not self._pending:
-            return None
-        pending = self._pending.popleft()
-        self._unsettled.add(pending.delivery_tag)
-        return RawMessage(
-            body=bytes(pending.body),
-            queue=pending.queue,
-            handle=_Handle(self._generation, pending.delivery_tag),
-            headers=dict(pending.properties.headers or {}),
-            redelivered=bool(pending.redelivered),
-            user_id=pending.properties.user_id,
-        )
+        while True:
+            while not self._pending:
+                remaining = max(0.0, deadline - time.monotonic())
+                # process_data_events returns as soon as a delivery is dispatched, and answers
+                # heartbeats while it waits; time_limit=0 polls once.
+                self._run("receive", functools.partial(self._poll, remaining))
+                if remaining <= 0.0:
+                    break
+            if not self._pending:
+                return None
+            pending = self._pending.popleft()
+            self._unsettled.add(pending.delivery_tag)
+            properties = pending.properties
+            raw = RawMessage(
+                body=bytes(pending.body),
+                queue=pending.queue,
+                handle=_Handle(self._generation, pending.delivery_tag),
+                headers=dict(properties.headers or {}),
+                redelivered=bool(pending.redelivered),
+                user_id=properties.user_id,
+            )
+            if not isinstance(properties, UndecodableProperties):
+                return raw
+            self._reject_undecodable(raw, properties.decode_error)
+
+    def _reject_undecodable(self, raw: RawMessage, error: str) -> None:
+        """Dead-letter (and ack) a message whose properties could not be decoded, without them:
+        handing it on would tell its receiver nothing true, requeueing it would come back."""
+        sender = raw.user_id if isinstance(raw.user_id, str) else "not set"
+        detail = f"AMQP properties cannot be decoded ({error}); user_id {sender}"
+        logger.warning("dead-lettering a message from %s: %s", raw.queue, detail)
+        self._reject_raws([raw], BAD_PROPERTIES, detail)
 
     def _settle_raw(self, handle: Any, ack: bool, requeue: bool) -> None:
         if not isinstance(handle, _Handle):
@@ -471,6 +491,7 @@ class RabbitMQTransport(Transport):
         quiet_pika_failures()  # here: a pika module imported since the last time has a logger
         self._connection = pika.BlockingConnection(self._params)
         read_in_large_pieces(self._connection)
+        decode_properties_tolerantly(self._connection)
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
         self._channel.basic_qos(prefetch_count=self.prefetch_count)
@@ -564,6 +585,119 @@ def read_in_large_pieces(connection: Any, size: int = RECV_BYTES) -> bool:
         logger.debug("cannot enlarge pika's reads: no _MAX_RECV_BYTES on its transport")
         return False
     transport._MAX_RECV_BYTES = size
+    return True
+
+
+# What pika's decoding of a content header's properties raises on values RabbitMQ passes on:
+# a 'T' timestamp past year 9999 (OverflowError, ValueError; OSError on some platforms), field
+# tables or arrays nested deeper than Python's stack (RecursionError), and, for bytes that do not
+# add up, struct.error, IndexError, or pika's own InvalidFieldTypeException.
+_DECODE_ERRORS: tuple[type[Exception], ...] = (
+    ArithmeticError,
+    ValueError,
+    OSError,
+    LookupError,
+    RecursionError,
+    struct.error,
+    pika.exceptions.AMQPError,
+)
+
+
+class UndecodableProperties(pika.spec.BasicProperties):  # type: ignore[misc]
+    """The properties of a message pika could not decode: `decode_error` says why.
+
+    Its headers are None; the other fields are the frame's where they could be read without the
+    headers table (user_id among them), else None.
+    """
+
+    def __init__(self, decode_error: str) -> None:
+        super().__init__()
+        self.decode_error = decode_error
+
+
+def decode_frame_tolerantly(data: bytes) -> tuple[int, Any]:
+    """pika.frame.decode_frame, except that a whole content-header frame whose properties pika
+    cannot decode comes out as a Header frame with UndecodableProperties instead of raising.
+
+    pika raises such errors out of its I/O loop, which drops the connection; the broker then
+    redelivers the message, to the same end, for as long as it sits in the queue. The frame's
+    length is known before its properties are decoded, so the stream stays in step. Any other
+    frame, and a header frame that is incomplete or broken as a frame, is left to pika.
+    """
+    try:
+        decoded: tuple[int, Any] = pika.frame.decode_frame(data)
+        return decoded
+    except _DECODE_ERRORS as e:
+        substitute = _undecodable_header(data, f"{type(e).__name__}: {e}")
+        if substitute is None:
+            raise
+        return substitute
+
+
+def _undecodable_header(data: bytes, error: str) -> tuple[int, Any] | None:
+    """The Header frame at the start of `data`, its properties decoded without the headers
+    table; None unless `data` starts with a whole, well-delimited basic content-header frame."""
+    if len(data) < pika.spec.FRAME_HEADER_SIZE + 12:
+        return None
+    frame_type, channel, size = struct.unpack_from(">BHL", data)
+    end = pika.spec.FRAME_HEADER_SIZE + size + pika.spec.FRAME_END_SIZE
+    if frame_type != pika.spec.FRAME_HEADER or size < 12 or end > len(data):
+        return None
+    if data[end - 1] != pika.spec.FRAME_END:
+        return None
+    class_id, _weight, body_size = struct.unpack_from(">HHQ", data, pika.spec.FRAME_HEADER_SIZE)
+    if class_id != pika.spec.BasicProperties.INDEX:
+        return None
+    properties = UndecodableProperties(error)
+    try:
+        properties.decode(_without_headers(data[pika.spec.FRAME_HEADER_SIZE + 12 : end - 1]))
+    except _DECODE_ERRORS:
+        properties = UndecodableProperties(error)  # the fields cannot be told apart: none set
+    return end, pika.frame.Header(channel, body_size, properties)
+
+
+def _without_headers(encoded: bytes) -> bytes:
+    """Encoded basic properties with the headers table cut out (and its flag cleared); raises
+    ValueError if the table's length runs past the end, so the rest would be misread."""
+    flags = struct.unpack_from(">H", encoded)[0]
+    if flags & 1:
+        raise ValueError("a second property flag word (not in AMQP 0-9-1)")
+    if not flags & pika.spec.BasicProperties.FLAG_HEADERS:
+        return encoded
+    offset = 2
+    for flag in (
+        pika.spec.BasicProperties.FLAG_CONTENT_TYPE,
+        pika.spec.BasicProperties.FLAG_CONTENT_ENCODING,
+    ):
+        if flags & flag:
+            offset += 1 + encoded[offset]  # a short string: length octet, then the bytes
+    table_end = offset + 4 + struct.unpack_from(">I", encoded, offset)[0]
+    if table_end > len(encoded):
+        raise ValueError("the headers table runs past the end of the frame")
+    cleared = flags & ~pika.spec.BasicProperties.FLAG_HEADERS
+    return struct.pack(">H", cleared) + encoded[2:offset] + encoded[table_end:]
+
+
+def decode_properties_tolerantly(connection: Any) -> bool:
+    """Make a pika BlockingConnection read frames with decode_frame_tolerantly, so that a
+    message with properties pika cannot decode reaches the consumer marked as such instead of
+    dropping the connection (see _receive_raw, which dead-letters it).
+
+    pika has no setting for it: its connection reads each frame with `_read_frame()`, a method
+    that this replaces on the connection's own object. Returns whether it could.
+    """
+    impl = getattr(connection, "_impl", None)
+    if impl is None or not hasattr(impl, "_read_frame") or not hasattr(impl, "_frame_buffer"):
+        logger.warning(
+            "cannot guard pika's frame decoding: a message with undecodable properties will "
+            "drop the connection"
+        )
+        return False
+
+    def read_frame() -> tuple[int, Any]:
+        return decode_frame_tolerantly(impl._frame_buffer)
+
+    impl._read_frame = read_frame
     return True
 
 

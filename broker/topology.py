@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ JOB_ROUTING_KEY = "job"
 REASON_HEADER = "x-fedq-reason"
 SOURCE_HEADER = "x-fedq-source-queue"
 DETAIL_HEADER = "x-fedq-detail"
+# Deliveries of one message after which RabbitMQ dead-letters it (RabbitMQ 4's default too).
+DELIVERY_LIMIT = 20
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,18 @@ class Topology:
     def updates_queue_arguments(self) -> dict[str, Any]:
         """The updates queue too: only the active aggregator may take updates."""
         return self.jobs_queue_arguments()
+
+    def delivery_limit_policy(self) -> dict[str, Any]:
+        """The RabbitMQ policy (as in a definitions file) that dead-letters a message of the
+        updates or a task queue once delivered DELIVERY_LIMIT times: one that kills its
+        consumer every time cannot loop for ever. A policy, because a queue argument would
+        change the queues' arguments and break their redeclaration. The jobs queue is left
+        out: its message stays unacked for a whole job, through every aggregator restart."""
+        prefix = re.escape(self.prefix)
+        return {
+            "name": f"{self.prefix}-delivery-limit",
+            "pattern": f"^{prefix}\\.(updates|tasks\\..+)$",
+            "apply-to": "queues",
+            "definition": {"delivery-limit": DELIVERY_LIMIT},
+            "priority": 0,
+        }

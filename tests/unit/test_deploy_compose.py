@@ -279,6 +279,18 @@ def test_definitions_declare_the_topology_queues_with_exactly_its_arguments() ->
     assert queues[T.updates]["arguments"]["x-single-active-consumer"] is True
 
 
+def test_definitions_set_the_delivery_limit_policy_on_the_updates_and_task_queues_only() -> None:
+    defs = definitions()
+    queues = [q["name"] for q in defs["queues"] if q["vhost"] == "fedq"]
+
+    (policy,) = defs["policies"]
+
+    assert policy == {"vhost": "fedq", **T.delivery_limit_policy()}
+    limited = {name for name in queues if re.match(policy["pattern"], name)}
+    assert limited == {name for name in queues if name not in (T.jobs, T.dead)}
+    assert T.updates in limited and len(limited) > 1
+
+
 def test_definitions_bind_every_queue_as_the_services_do() -> None:
     defs = definitions()
     workers = {u["name"] for u in defs["users"]} - OPERATOR_USERS

@@ -1,0 +1,254 @@
+"""A site publishes messages whose AMQP headers the client library cannot decode (a timestamp of
+2^63 seconds, arrays nested 5,000 deep): each is dead-lettered once as bad_properties, and the
+connection that received it stays up. Before, pika raised while decoding the frame, the
+connection dropped, the broker redelivered the message, and the consumer looped for ever.
+
+The hostile site is a least-privilege account of `fedq broker add-worker`, publishing bytes it
+wrote itself on the one exchange it may write. Each test has a throw-away vhost and users."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pika
+import pytest
+from hostile_input import JOB_ID, _update, job
+from hostile_properties import ODD, POISON, RawProperties, properties
+from prometheus_client import CollectorRegistry
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from broker.admin import add_worker
+from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
+from broker.topology import (
+    DELIVERY_LIMIT,
+    DETAIL_HEADER,
+    JOB_ROUTING_KEY,
+    REASON_HEADER,
+    SOURCE_HEADER,
+    UPDATE_ROUTING_KEY,
+    Topology,
+)
+from shared.messages import encode_message
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(150)]
+PASSWORD = "worker-secret"
+
+
+def _ctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@dataclass
+class Site:
+    """A vhost of its own (guest administers it), its worker accounts and open connections."""
+
+    name: str
+    base_url: str
+    topology: Topology = field(default_factory=lambda: Topology("fedq"))
+    users: list[str] = field(default_factory=list)
+    closers: list[Any] = field(default_factory=list)
+
+    def url(self, user: str = "", password: str = "") -> str:
+        parts = urlsplit(self.base_url)
+        host = parts.netloc.rpartition("@")[2]
+        netloc = parts.netloc if not user else f"{user}:{password}@{host}"
+        return urlunsplit(parts._replace(netloc=netloc, path="/" + quote(self.name, safe="")))
+
+    def add_worker(self) -> str:
+        name = f"site-{uuid.uuid4().hex[:6]}"
+        self.users.append(name)
+        add_worker(name, PASSWORD, vhost=self.name, topology=self.topology, admin_url=self.url())
+        return name
+
+    def transport(self, user: str = "", **kwargs: Any) -> RabbitMQTransport:
+        """A transport as guest, or as a worker account (least privilege: declares nothing)."""
+        if user:
+            kwargs |= {"stamp_user_id": True, "declare_topology": False}
+        transport = RabbitMQTransport(
+            self.url(user, PASSWORD if user else ""),
+            self.topology,
+            reconnect=ReconnectPolicy(base_s=0.1, cap_s=0.5, give_up_s=5.0),
+            **kwargs,
+        )
+        self.closers.append(transport.close)
+        return transport
+
+    def channel(self, user: str = "") -> Any:
+        """A plain pika channel with publisher confirms, as guest or as a worker account."""
+        connection = pika.BlockingConnection(
+            pika.URLParameters(self.url(user, PASSWORD if user else ""))
+        )
+        self.closers.append(connection.close)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        return channel
+
+    def publish_raw(
+        self, channel: Any, exchange: str, key: str, body: bytes, encoded: bytes
+    ) -> None:
+        """Publish a body with properties encoded by hand, byte for byte."""
+        channel.basic_publish(exchange, key, body, RawProperties(encoded), mandatory=True)
+
+    def dead_letters(self) -> list[tuple[Any, bytes]]:
+        """(properties, body) of everything on the dead queue, taken off it."""
+        channel = self.channel()
+        taken = []
+        while True:
+            method, props, body = channel.basic_get(self.topology.dead, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append((props, body))
+
+
+@pytest.fixture
+def site(amqp_url: str) -> Iterator[Site]:
+    name = f"fedqpoison-{uuid.uuid4().hex[:8]}"
+    _ctl("add_vhost", name)
+    _ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    made = Site(name, amqp_url)
+    try:
+        yield made
+    finally:
+        for close in reversed(made.closers):
+            # A connection the test left broken: the vhost goes anyway.
+            with contextlib.suppress(Exception):
+                close()
+        for user in made.users:
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True)
+        _ctl("delete_vhost", name)
+
+
+def _aggregator(site: Site, state_dir: Path) -> tuple[AggregatorService, CollectorRegistry]:
+    transport = site.transport(stamp_user_id=True)
+    registry = CollectorRegistry()
+    settings = AggregatorSettings(state_dir=str(state_dir), require_user_id=True)
+    service = AggregatorService(transport, settings, AggregatorMetrics(registry))
+    transport.declare()
+    transport.subscribe(site.topology.jobs)
+    transport.subscribe(site.topology.updates)
+    transport.publish(site.topology.jobs, JOB_ROUTING_KEY, encode_message(job()))
+    service.run_until_idle()
+    return service, registry
+
+
+def test_headers_pika_cannot_decode_are_dead_lettered_once_and_honest_updates_all_count(
+    site: Site, tmp_path: Path
+) -> None:
+    aggregator, registry = _aggregator(site, tmp_path)
+    honest, hostile = site.add_worker(), site.add_worker()
+    t = site.topology
+    honest_transport = site.transport(honest)
+    honest_channel, hostile_channel = site.channel(honest), site.channel(hostile)
+    poisons: list[bytes] = []
+    # Six honest updates, one version each: the first as fedq sends it, the others with odd
+    # properties pika still decodes; after each, a poisoned message from the hostile site.
+    odd = sorted(ODD)
+    for k in range(6):
+        body = encode_message(_update(f"honest-{k}", k, seed=k, worker_id=honest))
+        if k == 0:
+            honest_transport.publish(t.updates, UPDATE_ROUTING_KEY, body)
+        else:
+            encoded = properties(user_id=honest, **ODD[odd[k - 1]])
+            site.publish_raw(honest_channel, t.updates, UPDATE_ROUTING_KEY, body, encoded)
+        if k < len(POISON):
+            name = sorted(POISON)[k]
+            poison = encode_message(_update(f"poison-{k}", k, seed=90 + k, worker_id=hostile))
+            encoded = properties(POISON[name], user_id=hostile)
+            site.publish_raw(hostile_channel, t.updates, UPDATE_ROUTING_KEY, poison, encoded)
+            poisons.append(poison)
+
+    deadline = time.monotonic() + 60.0
+    while aggregator.jobs_done == 0 and time.monotonic() < deadline:
+        aggregator.step(0.1)
+    aggregator.run_until_idle(idle_s=0.3)
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    assert aggregator.jobs_done == 1, "the job did not reach its six versions"
+    assert value("fedq_aggregator_updates_accepted_total") == 6
+    assert value("fedq_aggregator_model_version") == 6
+    assert value("fedq_aggregator_updates_rejected_total", reason="bad_properties") == 5
+    assert aggregator.transport.reconnects == 0  # type: ignore[attr-defined]
+    dead = site.dead_letters()
+    assert sorted(body for _, body in dead) == sorted(poisons)
+    assert {props.headers[REASON_HEADER] for props, _ in dead} == {"bad_properties"}
+    assert {props.headers[SOURCE_HEADER] for props, _ in dead} == {t.updates}
+    assert all(hostile in props.headers[DETAIL_HEADER] for props, _ in dead)
+    history = (tmp_path / "jobs" / JOB_ID / "summary.json").read_text()
+    assert '"stop_reason"' in history
+
+
+def test_a_worker_dead_letters_a_task_it_cannot_decode_and_takes_the_next(site: Site) -> None:
+    name = site.add_worker()
+    t = site.topology
+    worker = site.transport(name)
+    worker.declare_worker(name)
+    worker.subscribe(t.task_queue(name))
+    admin = site.channel()
+    encoded = properties(POISON["timestamp_2_pow_63"])
+    site.publish_raw(admin, t.tasks, name, b"a poisoned task", encoded)
+    site.publish_raw(admin, t.tasks, name, b"the next task", properties())
+
+    delivery = worker.receive(10.0)
+
+    assert delivery is not None and delivery.body == b"the next task"
+    worker.ack(delivery)
+    assert worker.reconnects == 0
+    (dead,) = site.dead_letters()
+    assert dead[1] == b"a poisoned task"
+    assert dead[0].headers[REASON_HEADER] == "bad_properties"
+    assert dead[0].headers[SOURCE_HEADER] == t.task_queue(name)
+
+
+def test_the_delivery_limit_policy_dead_letters_a_message_that_keeps_coming_back(
+    site: Site,
+) -> None:
+    t = site.topology
+    site.transport().declare()
+    policy = t.delivery_limit_policy()
+    _ctl(
+        "set_policy",
+        "-p",
+        site.name,
+        "--apply-to",
+        policy["apply-to"],
+        "--priority",
+        str(policy["priority"]),
+        policy["name"],
+        policy["pattern"],
+        json.dumps(policy["definition"]),
+    )
+    channel = site.channel()
+    channel.basic_publish(t.updates, UPDATE_ROUTING_KEY, b"kills its consumer", mandatory=True)
+
+    deliveries: list[int] = []
+
+    def die(ch: Any, method: Any, _properties: Any, _body: bytes) -> None:
+        deliveries.append(method.delivery_tag)
+        ch.basic_nack(method.delivery_tag, requeue=True)  # as a consumer that dies would
+
+    channel.basic_qos(prefetch_count=1)
+    channel.basic_consume(t.updates, die)
+    observer = site.channel()
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline and len(deliveries) <= 2 * DELIVERY_LIMIT:
+        channel.connection.process_data_events(time_limit=0.1)
+        if observer.queue_declare(t.dead, passive=True).method.message_count:
+            break
+
+    (dead,) = site.dead_letters()
+    assert dead[1] == b"kills its consumer"
+    assert DELIVERY_LIMIT <= len(deliveries) <= DELIVERY_LIMIT + 1
+    assert dead[0].headers["x-death"][0]["reason"] == "delivery_limit"
