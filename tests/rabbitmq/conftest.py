@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -84,8 +85,10 @@ def vhost(amqp_url: str) -> Iterator[Vhost]:
     try:
         yield made
     finally:
-        for transport in made.transports:
-            transport.close()
+        for close in reversed(made.closers):
+            # A connection the test left broken: the vhost goes anyway.
+            with contextlib.suppress(Exception):
+                close()
         for user in made.users:
             subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True)
         ctl("delete_vhost", name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,32 +152,60 @@ def ctl(*args: str) -> None:
 
 @dataclass
 class Vhost:
-    """A vhost of its own, guest (the admin) on it, and the users made on it."""
+    """A vhost of its own, guest (the admin) on it, and the users and connections made on it."""
 
     name: str
     base_url: str
     topology: Topology = field(default_factory=lambda: Topology("fedq"))
     users: list[str] = field(default_factory=list)
-    transports: list[RabbitMQTransport] = field(default_factory=list)
+    closers: list[Callable[[], object]] = field(default_factory=list)
 
     def url(self, user: str = "", password: str = "") -> str:
+        """The vhost's URL as guest, or as a user with its password."""
         parts = urlsplit(self.base_url)
         netloc = (
             parts.netloc if not user else f"{user}:{password}@{parts.netloc.rpartition('@')[2]}"
         )
         return urlunsplit(parts._replace(netloc=netloc, path="/" + quote(self.name, safe="")))
 
-    def add_worker(self, name: str) -> str:
+    def add_worker(self, name: str = "") -> str:
+        """Make a worker account as `fedq broker add-worker` does (a random name by default)."""
+        name = name or f"site-{uuid.uuid4().hex[:6]}"
         self.users.append(name)
         add_worker(name, PASSWORD, vhost=self.name, topology=self.topology, admin_url=self.url())
         return name
 
-    def transport(self, user: str = "", **kwargs: object) -> RabbitMQTransport:
+    def transport(self, user: str = "", **kwargs: Any) -> RabbitMQTransport:
+        """A transport as guest, or as a user with its password."""
         transport = RabbitMQTransport(
             self.url(user, PASSWORD if user else ""),
             self.topology,
             reconnect=ReconnectPolicy(base_s=0.1, cap_s=0.5, give_up_s=5.0),
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
-        self.transports.append(transport)
+        self.closers.append(transport.close)
         return transport
+
+    def site(self, user: str) -> RabbitMQTransport:
+        """A worker account's transport as a site runs it: user_id stamped, declaring nothing."""
+        return self.transport(user, stamp_user_id=True, declare_topology=False)
+
+    def channel(self, user: str = "") -> Any:
+        """A plain pika channel with publisher confirms, as guest or as a worker account."""
+        connection = pika.BlockingConnection(
+            pika.URLParameters(self.url(user, PASSWORD if user else ""))
+        )
+        self.closers.append(connection.close)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        return channel
+
+    def dead_letters(self) -> list[tuple[Any, bytes]]:
+        """(properties, body) of everything on the dead queue, taken off it."""
+        channel = self.channel()
+        taken = []
+        while True:
+            method, props, body = channel.basic_get(self.topology.dead, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append((props, body))

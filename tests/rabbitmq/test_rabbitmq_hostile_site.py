@@ -100,7 +100,7 @@ def _wait_for_version(base: str, version: int, timeout: float = 120.0) -> dict[s
 
 def _site(vhost: Vhost, name: str) -> RabbitMQTransport:
     """A site's own connection, as `fedq broker add-worker` allows it."""
-    return vhost.transport(name, stamp_user_id=True, declare_topology=False)
+    return vhost.site(name)
 
 
 def _honest_worker(start: Start, vhost: Vhost, name: str) -> subprocess.Popen[bytes]:

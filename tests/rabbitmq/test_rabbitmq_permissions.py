@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _worker_transport(vhost: Vhost, name: str) -> RabbitMQTransport:
-    return vhost.transport(name, stamp_user_id=True, declare_topology=False)
+    return vhost.site(name)
 
 
 def _admin_channel(vhost: Vhost) -> tuple[pika.BlockingConnection, object]:
@@ -145,7 +145,7 @@ def test_fedq_broker_add_worker_makes_the_user_and_queue(
     worker = RabbitMQTransport(
         vhost.url(name, password), vhost.topology, stamp_user_id=True, declare_topology=False
     )
-    vhost.transports.append(worker)
+    vhost.closers.append(worker.close)
     worker.declare_worker(name)
     worker.subscribe(vhost.topology.task_queue(name))
 

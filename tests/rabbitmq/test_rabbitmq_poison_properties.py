@@ -8,28 +8,20 @@ wrote itself on the one exchange it may write. Each test has a throw-away vhost 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import subprocess
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
-import pika
 import pytest
 from hostile_input import JOB_ID, _update, job
 from hostile_properties import ODD, POISON, RawProperties, properties
 from prometheus_client import CollectorRegistry
+from rabbitmq_scratch import Vhost, ctl
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
-from broker.admin import add_worker
-from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
 from broker.topology import (
     DELIVERY_LIMIT,
     DETAIL_HEADER,
@@ -37,99 +29,24 @@ from broker.topology import (
     REASON_HEADER,
     SOURCE_HEADER,
     UPDATE_ROUTING_KEY,
-    Topology,
 )
 from shared.messages import encode_message
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(150)]
-PASSWORD = "worker-secret"
-
-
-def _ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@dataclass
-class Site:
-    """A vhost of its own (guest administers it), its worker accounts and open connections."""
-
-    name: str
-    base_url: str
-    topology: Topology = field(default_factory=lambda: Topology("fedq"))
-    users: list[str] = field(default_factory=list)
-    closers: list[Any] = field(default_factory=list)
-
-    def url(self, user: str = "", password: str = "") -> str:
-        parts = urlsplit(self.base_url)
-        host = parts.netloc.rpartition("@")[2]
-        netloc = parts.netloc if not user else f"{user}:{password}@{host}"
-        return urlunsplit(parts._replace(netloc=netloc, path="/" + quote(self.name, safe="")))
-
-    def add_worker(self) -> str:
-        name = f"site-{uuid.uuid4().hex[:6]}"
-        self.users.append(name)
-        add_worker(name, PASSWORD, vhost=self.name, topology=self.topology, admin_url=self.url())
-        return name
-
-    def transport(self, user: str = "", **kwargs: Any) -> RabbitMQTransport:
-        """A transport as guest, or as a worker account (least privilege: declares nothing)."""
-        if user:
-            kwargs |= {"stamp_user_id": True, "declare_topology": False}
-        transport = RabbitMQTransport(
-            self.url(user, PASSWORD if user else ""),
-            self.topology,
-            reconnect=ReconnectPolicy(base_s=0.1, cap_s=0.5, give_up_s=5.0),
-            **kwargs,
-        )
-        self.closers.append(transport.close)
-        return transport
-
-    def channel(self, user: str = "") -> Any:
-        """A plain pika channel with publisher confirms, as guest or as a worker account."""
-        connection = pika.BlockingConnection(
-            pika.URLParameters(self.url(user, PASSWORD if user else ""))
-        )
-        self.closers.append(connection.close)
-        channel = connection.channel()
-        channel.confirm_delivery()
-        return channel
-
-    def publish_raw(
-        self, channel: Any, exchange: str, key: str, body: bytes, encoded: bytes
-    ) -> None:
-        """Publish a body with properties encoded by hand, byte for byte."""
-        channel.basic_publish(exchange, key, body, RawProperties(encoded), mandatory=True)
-
-    def dead_letters(self) -> list[tuple[Any, bytes]]:
-        """(properties, body) of everything on the dead queue, taken off it."""
-        channel = self.channel()
-        taken = []
-        while True:
-            method, props, body = channel.basic_get(self.topology.dead, auto_ack=True)
-            if method is None:
-                return taken
-            taken.append((props, body))
 
 
 @pytest.fixture
-def site(amqp_url: str) -> Iterator[Site]:
-    name = f"fedqpoison-{uuid.uuid4().hex[:8]}"
-    _ctl("add_vhost", name)
-    _ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    made = Site(name, amqp_url)
-    try:
-        yield made
-    finally:
-        for close in reversed(made.closers):
-            # A connection the test left broken: the vhost goes anyway.
-            with contextlib.suppress(Exception):
-                close()
-        for user in made.users:
-            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True)
-        _ctl("delete_vhost", name)
+def site(vhost: Vhost) -> Vhost:
+    """The vhost, by the name these tests read best with."""
+    return vhost
 
 
-def _aggregator(site: Site, state_dir: Path) -> tuple[AggregatorService, CollectorRegistry]:
+def _publish_raw(channel: Any, exchange: str, key: str, body: bytes, encoded: bytes) -> None:
+    """Publish a body with properties encoded by hand, byte for byte."""
+    channel.basic_publish(exchange, key, body, RawProperties(encoded), mandatory=True)
+
+
+def _aggregator(site: Vhost, state_dir: Path) -> tuple[AggregatorService, CollectorRegistry]:
     transport = site.transport(stamp_user_id=True)
     registry = CollectorRegistry()
     settings = AggregatorSettings(state_dir=str(state_dir), require_user_id=True)
@@ -143,12 +60,12 @@ def _aggregator(site: Site, state_dir: Path) -> tuple[AggregatorService, Collect
 
 
 def test_headers_pika_cannot_decode_are_dead_lettered_once_and_honest_updates_all_count(
-    site: Site, tmp_path: Path
+    site: Vhost, tmp_path: Path
 ) -> None:
     aggregator, registry = _aggregator(site, tmp_path)
     honest, hostile = site.add_worker(), site.add_worker()
     t = site.topology
-    honest_transport = site.transport(honest)
+    honest_transport = site.site(honest)
     honest_channel, hostile_channel = site.channel(honest), site.channel(hostile)
     poisons: list[bytes] = []
     # Six honest updates, one version each: the first as fedq sends it, the others with odd
@@ -160,12 +77,12 @@ def test_headers_pika_cannot_decode_are_dead_lettered_once_and_honest_updates_al
             honest_transport.publish(t.updates, UPDATE_ROUTING_KEY, body)
         else:
             encoded = properties(user_id=honest, **ODD[odd[k - 1]])
-            site.publish_raw(honest_channel, t.updates, UPDATE_ROUTING_KEY, body, encoded)
+            _publish_raw(honest_channel, t.updates, UPDATE_ROUTING_KEY, body, encoded)
         if k < len(POISON):
             name = sorted(POISON)[k]
             poison = encode_message(_update(f"poison-{k}", k, seed=90 + k, worker_id=hostile))
             encoded = properties(POISON[name], user_id=hostile)
-            site.publish_raw(hostile_channel, t.updates, UPDATE_ROUTING_KEY, poison, encoded)
+            _publish_raw(hostile_channel, t.updates, UPDATE_ROUTING_KEY, poison, encoded)
             poisons.append(poison)
 
     deadline = time.monotonic() + 60.0
@@ -190,16 +107,16 @@ def test_headers_pika_cannot_decode_are_dead_lettered_once_and_honest_updates_al
     assert '"stop_reason"' in history
 
 
-def test_a_worker_dead_letters_a_task_it_cannot_decode_and_takes_the_next(site: Site) -> None:
+def test_a_worker_dead_letters_a_task_it_cannot_decode_and_takes_the_next(site: Vhost) -> None:
     name = site.add_worker()
     t = site.topology
-    worker = site.transport(name)
+    worker = site.site(name)
     worker.declare_worker(name)
     worker.subscribe(t.task_queue(name))
     admin = site.channel()
     encoded = properties(POISON["timestamp_2_pow_63"])
-    site.publish_raw(admin, t.tasks, name, b"a poisoned task", encoded)
-    site.publish_raw(admin, t.tasks, name, b"the next task", properties())
+    _publish_raw(admin, t.tasks, name, b"a poisoned task", encoded)
+    _publish_raw(admin, t.tasks, name, b"the next task", properties())
 
     delivery = worker.receive(10.0)
 
@@ -213,12 +130,12 @@ def test_a_worker_dead_letters_a_task_it_cannot_decode_and_takes_the_next(site: 
 
 
 def test_the_delivery_limit_policy_dead_letters_a_message_that_keeps_coming_back(
-    site: Site,
+    site: Vhost,
 ) -> None:
     t = site.topology
     site.transport().declare()
     policy = t.delivery_limit_policy()
-    _ctl(
+    ctl(
         "set_policy",
         "-p",
         site.name,
