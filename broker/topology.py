@@ -13,6 +13,9 @@ JOB_ROUTING_KEY = "job"
 REASON_HEADER = "x-fedq-reason"
 SOURCE_HEADER = "x-fedq-source-queue"
 DETAIL_HEADER = "x-fedq-detail"
+# The worker id a publisher claims (workers set it on updates): whose chunk sets are whose,
+# where no broker-validated user_id says it (docs/protocol.md section 7.3).
+SENDER_HEADER = "x-fedq-sender"
 
 
 @dataclass(frozen=True)
