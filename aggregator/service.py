@@ -113,8 +113,12 @@ class AggregatorService:
                 max_age_s=settings.chunk_max_age_s,
                 max_sets=settings.max_chunk_sets,
                 max_set_bytes=settings.max_message_bytes,
+                max_sets_per_sender=settings.max_chunk_sets_per_sender,
+                max_bytes_per_sender=settings.max_chunk_pending_bytes_per_sender,
+                idle_s=settings.chunk_idle_s,
             ),
             ChunkSpool(Path(settings.state_dir) / "chunks"),
+            validated_senders=settings.require_user_id,
         )
         self._stopping = False
         self._job: _Running | None = None

@@ -47,6 +47,13 @@ class AggregatorSettings:
     max_chunk_sets: int = 256
     max_chunk_pending_bytes: int = 4 * 1024 * 1024 * 1024
     chunk_max_age_s: float = 600.0
+    # The same bounds for each sender (its broker user_id, or with require_user_id off, the
+    # worker id it claims): a worker sends one update at a time, so a few sets are plenty, and a
+    # sender past them is refused its own new sets, never another's. A set that gets no new
+    # envelope for chunk_idle_s is dead-lettered (honest sets arrive back to back).
+    max_chunk_sets_per_sender: int = 4
+    max_chunk_pending_bytes_per_sender: int = 1024 * 1024 * 1024
+    chunk_idle_s: float = 120.0
     # Reject (user_mismatch) an update whose worker id is not the broker-validated user_id it
     # was published with, or that has none: workers must connect as a user named like their id
     # and publish with stamp_user_id.
@@ -60,8 +67,16 @@ class AggregatorSettings:
             raise ConfigError(
                 "max_chunk_sets must be >= 1 and max_chunk_pending_bytes >= max_message_bytes"
             )
-        if self.chunk_max_age_s <= 0:
-            raise ConfigError("chunk_max_age_s must be > 0")
+        if self.chunk_max_age_s <= 0 or self.chunk_idle_s <= 0:
+            raise ConfigError("chunk_max_age_s and chunk_idle_s must be > 0")
+        if (
+            self.max_chunk_sets_per_sender < 1
+            or self.max_chunk_pending_bytes_per_sender < self.max_message_bytes
+        ):
+            raise ConfigError(
+                "max_chunk_sets_per_sender must be >= 1 and max_chunk_pending_bytes_per_sender "
+                ">= max_message_bytes"
+            )
         if not self.stall_after_s >= 0:
             raise ConfigError("stall_after_s must be >= 0 (0: automatic)")
         if self.prefetch < 1:

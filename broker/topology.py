@@ -16,6 +16,9 @@ SOURCE_HEADER = "x-fedq-source-queue"
 DETAIL_HEADER = "x-fedq-detail"
 # Deliveries of one message after which RabbitMQ dead-letters it (RabbitMQ 4's default too).
 DELIVERY_LIMIT = 20
+# The worker id a publisher claims (workers set it on updates): whose chunk sets are whose,
+# where no broker-validated user_id says it (docs/protocol.md section 7.3).
+SENDER_HEADER = "x-fedq-sender"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.spool import ChunkSpool, monotonic_of
-from broker.topology import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Topology
+from broker.topology import DETAIL_HEADER, REASON_HEADER, SENDER_HEADER, SOURCE_HEADER, Topology
 from shared.chunks import (
     DEFAULT_CHUNK_SIZE,
     Chunk,
@@ -93,6 +93,8 @@ class Transport(ABC):
         # The user_id every message is published with (None: not set); see stamp_user_id.
         self.user_id: str | None = None
         self._reassembler: Reassembler[_Held] = Reassembler()
+        self._reassembler.load = self._chunk_data
+        self._validated_senders = False
         self._spool: ChunkSpool | None = None
         self._spool_resumed = False
         # Reassembled messages to hand out before the broker's: requeued or restored ones.
@@ -216,11 +218,23 @@ class Transport(ABC):
 
     # -------------------------------------------------------------- chunks
 
-    def hold_chunks(self, reassembler: Reassembler[Any], spool: ChunkSpool | None = None) -> None:
-        """Reassemble with these limits; with a spool, keep envelopes durably until settled."""
+    def hold_chunks(
+        self,
+        reassembler: Reassembler[Any],
+        spool: ChunkSpool | None = None,
+        validated_senders: bool = False,
+    ) -> None:
+        """Reassemble with these limits; with a spool, keep envelopes durably until settled.
+
+        A chunk set's sender (whose limits it counts against) is the broker-validated user_id
+        of its envelopes; where there is none, with `validated_senders` every such set is one
+        anonymous sender's, else the sender is the worker id claimed in SENDER_HEADER.
+        """
+        reassembler.load = self._chunk_data
         self._reassembler = reassembler
         self._spool = spool
         self._spool_resumed = False
+        self._validated_senders = validated_senders
 
     def resume_spool(self) -> int:
         """Take back the sets a previous run left in the spool (once); return how many
@@ -238,7 +252,7 @@ class Transport(ABC):
             if self._reassembler.holds(chunk):
                 continue
             held = _Held(b"", envelope.queue, envelope.headers, envelope.user_id, True, path)
-            whole = self._hold(chunk, held, started=monotonic_of(envelope.written_at))
+            whole = self._hold(chunk, held, monotonic_of(envelope.written_at))
             if whole is not None:
                 self._ready.append(whole)
         if found:
@@ -266,10 +280,27 @@ class Transport(ABC):
         self._settle_raw(raw.handle, ack=True, requeue=False)
         return whole
 
+    def _sender(self, held: _Held) -> str:
+        """Whose quota an envelope's set counts against (see hold_chunks)."""
+        if held.user_id is not None or self._validated_senders:
+            return held.user_id or ""
+        claimed = held.headers.get(SENDER_HEADER)
+        return claimed[:128] if isinstance(claimed, str) else ""
+
+    def _chunk_data(self, held: _Held) -> bytes:
+        """The data of a held envelope, from memory or the spool (the reassembler keeps none)."""
+        body = held.body
+        if held.path is not None and self._spool is not None:
+            try:
+                body = self._spool.read(held.path).body
+            except (OSError, ValueError, KeyError) as e:
+                raise ChunkError(f"spooled chunk {held.path} cannot be read: {e!r}") from e
+        return decode_chunk(body).data
+
     def _hold(self, chunk: Chunk, held: _Held, started: float | None = None) -> Delivery | None:
         """Add an envelope to its set; return the message if it completed the set."""
         try:
-            done = self._reassembler.add(chunk, held, started)
+            done = self._reassembler.add(chunk, held, started, self._sender(held))
         except ChunkSetError as e:
             if e.first:
                 logger.warning(
@@ -301,9 +332,8 @@ class Transport(ABC):
             self._spool.drop(message_id)
 
     def _expire_chunks(self) -> None:
-        for message_id, helds in self._reassembler.expire():
-            logger.warning("chunk set %s incomplete for too long; dead-lettering it", message_id)
-            detail = f"incomplete after {self._reassembler.max_age_s:g} s"
+        for message_id, helds, detail in self._reassembler.expire():
+            logger.warning("chunk set %s dead-lettered: %s", message_id, detail)
             self._dead_letter_held(helds, "incomplete_chunks", detail, count=True)
             self._drop_set(message_id)
 

@@ -6,6 +6,7 @@ import hashlib
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -106,7 +107,10 @@ class _Partial(Generic[K]):
     total_size: int
     sha256: bytes
     started: float
-    parts: dict[int, bytes] = field(default_factory=dict)
+    sender: str
+    last: float
+    # index -> the chunk's data, or (with a loader) the key to read it back through.
+    parts: dict[int, Any] = field(default_factory=dict)
     keys: list[K] = field(default_factory=list)
     size: int = 0
 
@@ -119,12 +123,17 @@ _REFUSED_MEMORY = 4096
 class Reassembler(Generic[K]):
     """Collects chunks by message id; `add` returns the whole payload once its set is complete.
 
-    Each chunk comes with a key (what the caller needs to dead-letter it later). The limits
-    (docs/protocol.md section 7.3) are checked when a set starts, never by pushing out sets that
-    are already held: a set whose `total_size` is above `max_set_bytes` is refused as
-    `too_large`; one that would make more than `max_sets` incomplete sets, or more than
-    `max_pending_bytes` of their declared sizes, is refused as `chunk_limit`. `expire` hands
-    back the keys of sets older than `max_age_s`.
+    Each chunk comes with a key (what the caller needs to dead-letter it later) and its sender.
+    The limits (docs/protocol.md section 7.3) are checked when a set starts, never by pushing out
+    sets that are already held: a set whose `total_size` is above `max_set_bytes` is refused as
+    `too_large`; one that would give its sender more than `max_sets_per_sender` incomplete sets
+    or `max_bytes_per_sender` of their declared sizes, or all senders together more than
+    `max_sets` sets or `max_pending_bytes`, is refused as `chunk_limit`. `expire` hands back the
+    keys of sets older than `max_age_s`, or that got no envelope for `idle_s`.
+
+    With `load` set (a function from a key to its chunk's data), chunk data is not kept in
+    memory: it is read back through `load` when the set completes (the caller holds the
+    envelopes anyway, in a spool or in memory).
     """
 
     def __init__(
@@ -133,19 +142,30 @@ class Reassembler(Generic[K]):
         max_age_s: float = 600.0,
         max_sets: int = 256,
         max_set_bytes: int | None = None,
+        max_sets_per_sender: int | None = None,
+        max_bytes_per_sender: int | None = None,
+        idle_s: float | None = None,
     ) -> None:
         self.max_pending_bytes = max_pending_bytes
         self.max_age_s = max_age_s
         self.max_sets = max_sets
         self.max_set_bytes = max_pending_bytes if max_set_bytes is None else max_set_bytes
+        self.max_sets_per_sender = max_sets if max_sets_per_sender is None else max_sets_per_sender
+        self.max_bytes_per_sender = (
+            max_pending_bytes if max_bytes_per_sender is None else max_bytes_per_sender
+        )
+        self.idle_s = max_age_s if idle_s is None else idle_s
+        self.load: Callable[[K], bytes] | None = None
         self._partials: OrderedDict[str, _Partial[K]] = OrderedDict()
         self._refused: OrderedDict[str, ChunkError] = OrderedDict()
+        # sender -> [incomplete sets, their declared bytes]
+        self._senders: dict[str, list[int]] = {}
         self._pending_bytes = 0
         self._reserved_bytes = 0
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes held in incomplete chunk sets."""
+        """Bytes received so far for incomplete chunk sets."""
         return self._pending_bytes
 
     @property
@@ -159,26 +179,32 @@ class Reassembler(Generic[K]):
         return partial is not None and chunk.index in partial.parts
 
     def add(
-        self, chunk: Chunk, key: K, started: float | None = None
+        self, chunk: Chunk, key: K, started: float | None = None, sender: str = ""
     ) -> tuple[bytes, list[K]] | None:
         """Add one chunk; return (payload, keys of all its chunks) when its set is complete.
 
         Raises ChunkSetError (after forgetting the set) if the set is refused, inconsistent or
         its checksum fails; the error's `keys` lists the chunks to dead-letter and `first` says
         whether this is the first error of the set (to be counted once). `started` backdates a
-        new set (a set restored from disk keeps its age).
+        new set (a set restored from disk keeps its age). A set belongs to the sender of its
+        first envelope.
         """
         refused = self._refused.get(chunk.message_id)
         if refused is not None:
             raise ChunkSetError(str(refused), [key], refused.reason, first=False)
+        now = time.monotonic()
         partial = self._partials.get(chunk.message_id)
         if partial is None:
-            self._admit(chunk, key)
-            when = time.monotonic() if started is None else started
-            partial = _Partial(chunk.count, chunk.total_size, chunk.sha256, when)
+            self._admit(chunk, key, sender)
+            when = now if started is None else started
+            partial = _Partial(chunk.count, chunk.total_size, chunk.sha256, when, sender, now)
             self._partials[chunk.message_id] = partial
             self._reserved_bytes += chunk.total_size
+            tally = self._senders.setdefault(sender, [0, 0])
+            tally[0] += 1
+            tally[1] += chunk.total_size
         partial.keys.append(key)
+        partial.last = now
         if (chunk.count, chunk.total_size, chunk.sha256) != (
             partial.count,
             partial.total_size,
@@ -188,7 +214,7 @@ class Reassembler(Generic[K]):
         if chunk.index in partial.parts:
             # A redelivered duplicate: its bytes are already held.
             return None
-        partial.parts[chunk.index] = chunk.data
+        partial.parts[chunk.index] = chunk.data if self.load is None else key
         partial.size += len(chunk.data)
         self._pending_bytes += len(chunk.data)
         if partial.size > partial.total_size:
@@ -196,31 +222,24 @@ class Reassembler(Generic[K]):
         if len(partial.parts) < partial.count:
             return None
         self._forget(chunk.message_id)
-        payload = b"".join(partial.parts[i] for i in range(partial.count))
+        payload = self._join(partial)
         if len(payload) != partial.total_size or hashlib.sha256(payload).digest() != partial.sha256:
             raise ChunkSetError("chunk set checksum mismatch", partial.keys)
         return payload, partial.keys
 
-    def _admit(self, chunk: Chunk, key: K) -> None:
+    def _join(self, partial: _Partial[K]) -> bytes:
+        """The set's data in index order, read back through `load` if it was not kept."""
+        load = self.load
+        if load is None:
+            return b"".join(partial.parts[i] for i in range(partial.count))
+        try:
+            return b"".join([load(partial.parts[i]) for i in range(partial.count)])
+        except ChunkError as e:
+            raise ChunkSetError(f"cannot read a chunk of the set back: {e}", partial.keys) from e
+
+    def _admit(self, chunk: Chunk, key: K, sender: str) -> None:
         """Refuse a new set that is over a limit (and remember it), else return."""
-        error: ChunkError | None = None
-        if chunk.total_size > self.max_set_bytes:
-            error = ChunkError(
-                f"chunk set of {chunk.total_size} bytes exceeds the largest message "
-                f"({self.max_set_bytes} bytes)",
-                "too_large",
-            )
-        elif len(self._partials) >= self.max_sets:
-            error = ChunkError(
-                f"{len(self._partials)} incomplete chunk sets are held (max {self.max_sets})",
-                "chunk_limit",
-            )
-        elif self._reserved_bytes + chunk.total_size > self.max_pending_bytes:
-            error = ChunkError(
-                f"a set of {chunk.total_size} bytes would take incomplete sets past "
-                f"{self.max_pending_bytes} bytes",
-                "chunk_limit",
-            )
+        error = self._over_limit(chunk, sender)
         if error is None:
             return
         self._refused[chunk.message_id] = error
@@ -228,19 +247,62 @@ class Reassembler(Generic[K]):
             self._refused.popitem(last=False)
         raise ChunkSetError(str(error), [key], error.reason)
 
-    def expire(self, now: float | None = None) -> list[tuple[str, list[K]]]:
-        """Forget incomplete sets older than max_age_s; return their ids and keys."""
+    def _over_limit(self, chunk: Chunk, sender: str) -> ChunkError | None:
+        # The sender's own bounds come first: a sender past them is refused its new sets, and
+        # cannot take the room all senders share (nor push out a set already held).
+        sets, declared = self._senders.get(sender, (0, 0))
+        if chunk.total_size > self.max_set_bytes:
+            return ChunkError(
+                f"chunk set of {chunk.total_size} bytes exceeds the largest message "
+                f"({self.max_set_bytes} bytes)",
+                "too_large",
+            )
+        if sets >= self.max_sets_per_sender:
+            why = (
+                f"sender {sender!r} holds {sets} incomplete chunk sets "
+                f"(max {self.max_sets_per_sender})"
+            )
+        elif declared + chunk.total_size > self.max_bytes_per_sender:
+            why = (
+                f"a set of {chunk.total_size} bytes would take sender {sender!r}'s incomplete "
+                f"sets past {self.max_bytes_per_sender} bytes"
+            )
+        elif len(self._partials) >= self.max_sets:
+            why = f"{len(self._partials)} incomplete chunk sets are held (max {self.max_sets})"
+        elif self._reserved_bytes + chunk.total_size > self.max_pending_bytes:
+            why = (
+                f"a set of {chunk.total_size} bytes would take incomplete sets past "
+                f"{self.max_pending_bytes} bytes"
+            )
+        else:
+            return None
+        return ChunkError(why, "chunk_limit")
+
+    def expire(self, now: float | None = None) -> list[tuple[str, list[K], str]]:
+        """Forget incomplete sets older than max_age_s or idle for idle_s; return their ids,
+        keys and why."""
         now = time.monotonic() if now is None else now
-        dropped: list[tuple[str, list[K]]] = []
+        dropped: list[tuple[str, list[K], str]] = []
         for message_id in list(self._partials):
-            if now - self._partials[message_id].started > self.max_age_s:
-                dropped.append((message_id, self._forget(message_id).keys))
+            partial = self._partials[message_id]
+            if now - partial.started > self.max_age_s:
+                why = f"incomplete after {self.max_age_s:g} s"
+            elif now - partial.last > self.idle_s:
+                why = f"no envelope of the set for {self.idle_s:g} s"
+            else:
+                continue
+            dropped.append((message_id, self._forget(message_id).keys, why))
         return dropped
 
     def _forget(self, message_id: str) -> _Partial[K]:
         partial = self._partials.pop(message_id)
         self._pending_bytes -= partial.size
         self._reserved_bytes -= partial.total_size
+        tally = self._senders[partial.sender]
+        tally[0] -= 1
+        tally[1] -= partial.total_size
+        if tally[0] == 0:
+            del self._senders[partial.sender]
         return partial
 
     def _fail(self, message_id: str, why: str) -> ChunkSetError:

@@ -52,6 +52,12 @@ class TensorError(ProtocolError):
     reason = "bad_tensor"
 
 
+class MessageTooLargeError(ProtocolError):
+    """A message is larger than its type allows, or holds more msgpack items than any message."""
+
+    reason = "too_large"
+
+
 class ChunkError(ProtocolError):
     """A chunk is invalid or a chunk set cannot be reassembled (checksum, count, size)."""
 

@@ -14,6 +14,7 @@ import msgpack
 from shared.errors import (
     FieldError,
     MalformedMessageError,
+    MessageTooLargeError,
     ProtocolError,
     UnknownMessageTypeError,
     UnsupportedVersionError,
@@ -31,6 +32,17 @@ MAX_METRICS = 64
 # people, cut to this many characters by the receiver.
 REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 MAX_FAILURE_DETAIL = 1024
+# Size limits checked before anything is decoded (docs/protocol.md section 2.1), so that what a
+# message costs in memory is bounded by what it may hold, not by its sender. The largest encoding
+# of each small message type; updates, tasks and models are bounded by the receiver's own limit.
+MAX_TYPE_BYTES = {"hello": 64 * 1024, "cancel": 64 * 1024, "failure": 64 * 1024, "job": 1 << 20}
+# Items of all maps and arrays of a message together (a map entry is two): an honest update of
+# 10,000 tensors of 8 dims holds 170,000. Tiny items are what decoding amplifies (an empty map
+# is one byte on the wire and 64 in Python).
+MAX_MESSAGE_ITEMS = 250_000
+# The bytes of a message other than its tensors' data: ids, names, shapes, metrics, a job
+# specification (the data is read as views of the payload; everything else is copied).
+MAX_NON_TENSOR_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -468,7 +480,7 @@ class _Unusual(Exception):
 
 # Caps on the zero-copy reader's Python work: a message past them is read by msgpack's C code, so
 # that a hostile payload of millions of tiny items costs what it costs today.
-_FAST_MAX_ITEMS = 250_000
+_FAST_MAX_ITEMS = MAX_MESSAGE_ITEMS
 _FAST_MAX_DEPTH = 16
 _U8, _U16, _U32, _U64 = (struct.Struct(f">{c}") for c in "BHIQ")
 _I8, _I16, _I32, _I64 = (struct.Struct(f">{c}") for c in "bhiq")
@@ -596,11 +608,155 @@ def _unpack(payload: bytes) -> Any:
     return msgpack.unpackb(payload, raw=False, strict_map_key=True)
 
 
+def check_size(payload: bytes) -> None:
+    """Raise MessageTooLargeError if the payload is over its type's size limit (MAX_TYPE_BYTES),
+    holds more than MAX_MESSAGE_ITEMS items or more than MAX_NON_TENSOR_BYTES outside tensor data.
+
+    Reads only msgpack headers, building nothing; other faults are left to the decoder, which
+    stops at them too (so it builds no more than what was counted here).
+    """
+    skim = _Skim(payload)
+    try:
+        skim.value("message")
+    except (_Unusual, IndexError, struct.error):
+        return
+    other = len(payload) - skim.data_bytes
+    if other > MAX_NON_TENSOR_BYTES:
+        raise MessageTooLargeError(
+            f"{other} bytes outside tensor data exceed {MAX_NON_TENSOR_BYTES}"
+        )
+
+
+_FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+_EXT = {0xC7: _U8, 0xC8: _U16, 0xC9: _U32}
+# The parts of a message whose layout check_size follows (the rest it skips in one loop).
+_LAID_OUT = frozenset(("message", "model", "tensors", "entry"))
+
+
+class _Skim:
+    """Walks a msgpack message without building it: counts items, tensor data bytes, and checks
+    the size limit of its `type` as soon as it is read."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.pos = 0
+        self.items = MAX_MESSAGE_ITEMS
+        self.data_bytes = 0
+
+    def value(self, role: str) -> None:
+        """Skip the value at pos; `role` as in _ZeroCopyReader (message, model, tensors, ...)."""
+        if role not in _LAID_OUT:
+            self.skip()
+            return
+        what, count = self.head()
+        if what == "array":
+            self.spend(count)
+            for _ in range(count):
+                self.value("entry" if role == "tensors" else "")
+        elif what == "map":
+            self.spend(2 * count)
+            for _ in range(count):
+                key = self.small()
+                if role == "message" and key == "type":
+                    self.check_type(self.small())
+                elif role == "entry" and key == "data":
+                    self.data()
+                else:
+                    self.value(_ROLES.get((role, key), "") if isinstance(key, str) else "")
+        elif what == "bin":
+            self.pos += count
+
+    def data(self) -> None:
+        start = self.pos
+        what, count = self.head()
+        if what == "bin":
+            self.data_bytes += count
+            self.pos += count
+        else:
+            self.pos = start
+            self.skip()
+
+    def check_type(self, kind: Any) -> None:
+        limit = MAX_TYPE_BYTES.get(kind) if isinstance(kind, str) else None
+        if limit is not None and len(self.payload) > limit:
+            raise MessageTooLargeError(
+                f"a {kind} of {len(self.payload)} bytes exceeds the {limit} bytes it may take"
+            )
+
+    def small(self) -> Any:
+        """Skip a value and return it if it is short (a key, a type), else None."""
+        start = self.pos
+        self.skip()
+        if self.pos - start > 64 or self.pos > len(self.payload):
+            return None
+        try:
+            return msgpack.unpackb(self.payload[start : self.pos], raw=False)
+        except Exception as e:  # invalid UTF-8 and the like: the decoder says what is wrong
+            raise _Unusual from e
+
+    def skip(self) -> None:
+        """Skip one value, however nested, counting the items of its maps and arrays."""
+        pending = 1
+        while pending:
+            pending -= 1
+            what, count = self.head()
+            if what == "bin":
+                self.pos += count
+            elif what != "scalar":
+                items = 2 * count if what == "map" else count
+                self.spend(items)
+                pending += items
+
+    def spend(self, items: int) -> None:
+        # Every item takes a byte at least: a count past the bytes left is a lie for the decoder.
+        if items > len(self.payload) - self.pos:
+            raise _Unusual
+        self.items -= items
+        if self.items < 0:
+            raise MessageTooLargeError(f"more than {MAX_MESSAGE_ITEMS} msgpack items")
+
+    def head(self) -> tuple[str, int]:
+        """Read the header at pos: ("map" or "array", items), ("bin", size) with pos at its
+        bytes, or ("scalar", 0) with pos past the whole value (nil, bool, number, str, ext)."""
+        payload = self.payload
+        byte = payload[self.pos]
+        self.pos += 1
+        if byte <= 0x7F or byte >= 0xE0 or byte in _CONSTANTS:
+            return "scalar", 0
+        if byte <= 0x8F:
+            return "map", byte & 0x0F
+        if byte <= 0x9F:
+            return "array", byte & 0x0F
+        if byte <= 0xBF:
+            self.pos += byte & 0x1F
+            return "scalar", 0
+        if byte in _FIXEXT:
+            self.pos += 1 + _FIXEXT[byte]
+            return "scalar", 0
+        if byte in _EXT:
+            (size,) = _EXT[byte].unpack_from(payload, self.pos)
+            self.pos += _EXT[byte].size + 1 + size
+            return "scalar", 0
+        sized = _SIZED.get(byte)
+        if sized is None:
+            raise _Unusual
+        (number,) = sized[0].unpack_from(payload, self.pos)
+        self.pos += sized[0].size
+        if sized[1] == "num":
+            return "scalar", 0
+        if sized[1] == "str":
+            self.pos += number
+            return "scalar", 0
+        return sized[1], number
+
+
 def decode_message(payload: bytes) -> Message:
     """Decode and validate a message; raise a ProtocolError subclass with a reason on bad input.
 
-    Tensors of a bytes payload are read-only views of it, so they keep the payload alive.
+    The size limits of check_size are checked first, before anything is built. Tensors of a
+    bytes payload are read-only views of it, so they keep the payload alive.
     """
+    check_size(payload)
     try:
         body = _unpack(payload)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as e:

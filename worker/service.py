@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from broker.topology import UPDATE_ROUTING_KEY
+from broker.topology import SENDER_HEADER, UPDATE_ROUTING_KEY
 from broker.transport import Delivery, Transport
 from shared.errors import DataMismatchError, ProtocolError
 from shared.jobs import ModelSpec
@@ -326,7 +326,9 @@ class WorkerService:
 
     def _publish(self, finished: _Finished, noticed: float) -> None:
         body = finished.body
-        self.transport.publish(self.transport.topology.updates, UPDATE_ROUTING_KEY, body)
+        # The sender header says whose chunk sets these are, if the update comes in chunks.
+        sender = {SENDER_HEADER: self.worker_id}
+        self.transport.publish(self.transport.topology.updates, UPDATE_ROUTING_KEY, body, sender)
         published = time.perf_counter()
         self.updates_sent += 1
         self.metrics.tasks_completed.inc()

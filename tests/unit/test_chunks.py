@@ -287,7 +287,7 @@ def test_expire_hands_back_an_incomplete_set_once_it_is_too_old() -> None:
     late = reassembler.expire(now=started + 11)
 
     assert early == []
-    assert late == [(chunks[0].message_id, [0, 1])]
+    assert late == [(chunks[0].message_id, [0, 1], "incomplete after 10 s")]
     assert reassembler.pending_bytes == 0
 
 
@@ -299,7 +299,7 @@ def test_a_set_restored_with_its_start_time_expires_by_its_original_age() -> Non
     reassembler.add(chunks[0], 0, started=now - 9)
 
     assert reassembler.expire(now=now) == []
-    assert reassembler.expire(now=now + 2) == [(chunks[0].message_id, [0])]
+    assert reassembler.expire(now=now + 2) == [(chunks[0].message_id, [0], "incomplete after 10 s")]
 
 
 def test_expire_keeps_complete_and_fresh_sets_alone() -> None:
@@ -409,3 +409,92 @@ def test_mutated_envelopes_raise_only_chunk_errors(
         del data[cut:]
 
     decode_or_chunk_error(bytes(data))
+
+
+# ------------------------------------------------------------------ senders and idle sets
+
+
+def first_chunks(sets: int, size: int = 3000) -> list[Chunk]:
+    """The first envelope of each of `sets` new sets of `size` bytes."""
+    return [chunks_of(payload_of(size))[0] for _ in range(sets)]
+
+
+def refusal(reassembler: Reassembler[int], chunk: Chunk, sender: str) -> str:
+    with pytest.raises(ChunkSetError) as caught:
+        reassembler.add(chunk, 0, sender=sender)
+    return caught.value.reason
+
+
+def test_a_sender_past_its_own_set_bound_is_refused_and_others_are_not() -> None:
+    reassembler: Reassembler[int] = Reassembler(max_sets=8, max_sets_per_sender=2)
+    attack = first_chunks(3)
+    honest = chunks_of(payload_of(3000))
+    for chunk in attack[:2]:
+        reassembler.add(chunk, 0, sender="mallory")
+
+    refused = refusal(reassembler, attack[2], "mallory")
+    results = [reassembler.add(chunk, i, sender="alice") for i, chunk in enumerate(honest)]
+
+    assert refused == "chunk_limit"
+    assert results[-1] is not None and results[-1][0] == payload_of(3000)
+
+
+def test_one_sender_cannot_take_the_bytes_all_senders_share() -> None:
+    reassembler: Reassembler[int] = Reassembler(
+        max_pending_bytes=4 * 3000, max_bytes_per_sender=2 * 3000
+    )
+    attack = first_chunks(3)
+    for chunk in attack[:2]:
+        reassembler.add(chunk, 0, sender="mallory")
+
+    refused = refusal(reassembler, attack[2], "mallory")
+    reassembler.add(first_chunks(1)[0], 0, sender="alice")
+
+    assert refused == "chunk_limit"
+    assert reassembler.pending_sets == 3
+
+
+def test_a_set_that_gets_no_envelope_for_the_idle_time_expires_before_its_max_age() -> None:
+    chunks = chunks_of(payload_of(3000))
+    reassembler: Reassembler[int] = Reassembler(max_age_s=600.0, idle_s=30.0)
+    feed(reassembler, chunks[:1])
+    now = time.monotonic()
+
+    assert reassembler.expire(now=now + 20) == []
+    assert reassembler.expire(now=now + 31) == [
+        (chunks[0].message_id, [0], "no envelope of the set for 30 s")
+    ]
+
+
+def test_a_set_whose_envelopes_keep_coming_is_not_idle() -> None:
+    chunks = chunks_of(payload_of(3000))
+    reassembler: Reassembler[int] = Reassembler(max_age_s=600.0, idle_s=30.0)
+    feed(reassembler, chunks[:1])
+    time.sleep(0.05)
+    reassembler.add(chunks[1], 1)
+    fed_last = time.monotonic()
+
+    assert reassembler.expire(now=fed_last + 29.99) == []
+
+
+def test_an_expired_set_frees_its_senders_quota() -> None:
+    reassembler: Reassembler[int] = Reassembler(max_sets_per_sender=1, idle_s=30.0)
+    first, second = first_chunks(2)
+    reassembler.add(first, 0, sender="bob")
+    reassembler.expire(now=time.monotonic() + 31)
+
+    assert reassembler.add(second, 1, sender="bob") is None
+    assert reassembler.pending_sets == 1
+
+
+def test_with_a_loader_no_chunk_data_is_kept_and_the_set_is_read_back_at_the_end() -> None:
+    chunks = chunks_of(payload_of(3000))
+    reassembler: Reassembler[int] = Reassembler()
+    reassembler.load = lambda key: chunks[key].data
+    feed(reassembler, chunks[:2])
+    held = [v for p in reassembler._partials.values() for v in p.parts.values()]
+
+    done = reassembler.add(chunks[2], 2)
+
+    assert held == [0, 1]
+    assert done is not None and done[0] == payload_of(3000)

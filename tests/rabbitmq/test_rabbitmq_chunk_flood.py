@@ -1,0 +1,79 @@
+"""A site floods the aggregator with chunk sets it never completes (fedq issue 10, item 3): with
+the least-privilege accounts of `fedq broker add-worker` and require_user_id, its sets count
+against its own bounds, so an honest site's update in chunks is still folded in."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hostile_input import _update, job
+from prometheus_client import CollectorRegistry
+from test_rabbitmq_permissions import Vhost, _admin_channel, _worker_transport, vhost
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
+from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from shared.chunks import split_payload
+from shared.messages import encode_message
+
+pytestmark = pytest.mark.timeout(180)
+__all__ = ["vhost"]  # the fixture, imported for the tests below
+MAX_MESSAGE_BYTES = 1024 * 1024
+FLOOD = 40
+
+
+def _dead_reasons(vhost: Vhost) -> Counter[str]:
+    connection, channel = _admin_channel(vhost)
+    reasons: Counter[str] = Counter()
+    try:
+        while True:
+            method, properties, _ = channel.basic_get(vhost.topology.dead, auto_ack=True)  # type: ignore[attr-defined]
+            if method is None:
+                return reasons
+            reasons[properties.headers[REASON_HEADER]] += 1
+    finally:
+        connection.close()
+
+
+def test_a_flood_of_never_completed_chunk_sets_does_not_keep_an_honest_update_out(
+    vhost: Vhost, tmp_path: Path
+) -> None:
+    mallory = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
+    alice = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
+    t = vhost.topology
+    transport = vhost.transport(stamp_user_id=True)
+    settings = AggregatorSettings(
+        state_dir=str(tmp_path),
+        require_user_id=True,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        max_chunk_pending_bytes=4 * MAX_MESSAGE_BYTES,
+        max_chunk_pending_bytes_per_sender=2 * MAX_MESSAGE_BYTES,
+    )
+    service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
+    transport.declare()
+    transport.subscribe(t.jobs)
+    transport.subscribe(t.updates)
+    transport.publish(t.jobs, JOB_ROUTING_KEY, encode_message(job()))
+    service.run_until_idle()
+    # Mallory's first envelopes of sets announcing the largest message, never followed.
+    attacker = _worker_transport(vhost, mallory)
+    for _ in range(FLOOD):
+        first = split_payload(bytes(MAX_MESSAGE_BYTES), 16 * 1024)[0]
+        attacker.publish(t.updates, UPDATE_ROUTING_KEY, first)
+    honest = _worker_transport(vhost, alice)
+    honest.chunk_size = 32 * 1024
+    body = encode_message(_update("honest-1", 0, seed=2, worker_id=alice))
+    assert len(split_payload(body, honest.chunk_size)) > 1
+    honest.publish(t.updates, UPDATE_ROUTING_KEY, body)
+
+    service.run_until_idle(idle_s=0.5)
+
+    running = service._job
+    assert running is not None and running.state.version == 1
+    # Mallory keeps two sets (its 2 MiB); each other set of its is refused, counted once.
+    assert _dead_reasons(vhost) == Counter({"chunk_limit": FLOOD - 2})
+    assert transport.chunk_backlog()[0] == 2
