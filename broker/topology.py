@@ -34,7 +34,7 @@ class Topology:
     | <p>.jobs        | direct | <p>.jobs (quorum, SAC)     | fedq submit | aggregator |
     | <p>.tasks       | direct | <p>.tasks.<worker> (quorum)| aggregator  | that worker|
     | <p>.updates     | direct | <p>.updates (quorum)       | workers     | aggregator |
-    | <p>.dead        | fanout | <p>.dead (quorum)          | services    | operators  |
+    | <p>.dead        | fanout | <p>.dead (quorum)          | aggregator, broker | operators |
     """
 
     prefix: str = "fedq"
