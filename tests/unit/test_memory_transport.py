@@ -376,3 +376,17 @@ def test_teardown_deletes_the_topology_so_publishing_to_it_fails() -> None:
     assert broker.depth(transport.topology.updates) == 0
     with pytest.raises(PublishError):
         transport.publish(transport.topology.updates, "update", b"x")
+
+
+def test_a_broker_made_dead_letter_is_read_from_its_x_death_not_its_publishers_headers() -> None:
+    headers = {
+        REASON_HEADER: "bad_tensor",  # the publisher's own, carried along by the broker
+        SOURCE_HEADER: TOPOLOGY.updates,
+        "x-death": [
+            {"queue": b"test.tasks.w0", "reason": b"rejected", "count": 1},
+            {"queue": "test.tasks.w9", "reason": "expired", "count": 1},  # a publisher's
+        ],
+    }
+
+    assert read_dead_letter(headers) == DeadLetter("rejected", "test.tasks.w0", "broker")
+    assert read_dead_letter({}) == DeadLetter("unknown", "", "unknown")
