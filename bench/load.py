@@ -48,7 +48,7 @@ import pika
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.rabbitmq import RabbitMQTransport
-from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY, Topology
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology, read_dead_letter
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
 from shared.messages import Hello, Job, Task, Update, decode_message, encode_message
 
@@ -466,7 +466,7 @@ def drain_dead(broker: str, queue: str) -> tuple[dict[str, str], Counter[str]]:
             method, properties, body = channel.basic_get(queue, auto_ack=True)
             if method is None:
                 break
-            reason = str((properties.headers or {}).get(REASON_HEADER, "?"))
+            reason = read_dead_letter(properties.headers or {}).reason
             try:
                 message = msgpack.unpackb(body, raw=False)
                 kind = message.get("type", "?") if isinstance(message, dict) else "?"

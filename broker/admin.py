@@ -1,8 +1,9 @@
 """`fedq broker add-worker NAME`: a worker's broker user, task queue and least privileges.
 
-The user may publish to the updates exchange (updates and hellos) and to the dead exchange (a
-task it cannot read is dead-lettered with its reason), read its own task queue, and nothing
-else: it cannot configure anything, publish tasks (models) or jobs, or read another queue. Its
+The user may publish to the updates exchange (updates, hellos and failure reports) and read its
+own task queue, and nothing else: it cannot configure anything, publish tasks (models), jobs or
+dead letters, or read another queue. A task it refuses is rejected without requeue, and the
+broker dead-letters it (with an x-death header) through the queue's dead-letter exchange. Its
 queue is declared here, by an administrator, so the worker runs with declare_topology=False and
 only checks the queue passively. The user is made with rabbitmqctl, or with the management HTTP
 API (--management-url http://admin:secret@host:15672).
@@ -38,10 +39,12 @@ class Permissions:
 
 
 def worker_permissions(topology: Topology, worker_id: str) -> Permissions:
-    """Configure nothing; write the updates and dead exchanges; read only its task queue."""
+    """Configure nothing; write only the updates exchange; read only its task queue.
+
+    Not the dead exchange: what a site wrote there would read as the aggregator's verdicts."""
     prefix = re.escape(topology.prefix)
     queue = re.escape(topology.task_queue(worker_id))
-    return Permissions(configure="^$", write=f"^{prefix}\\.(updates|dead)$", read=f"^{queue}$")
+    return Permissions(configure="^$", write=f"^{prefix}\\.updates$", read=f"^{queue}$")
 
 
 def set_user_rabbitmqctl(

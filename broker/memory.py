@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -9,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
+from broker.topology import DEATH_HEADER, JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import RawMessage, Transport
 from shared.chunks import DEFAULT_CHUNK_SIZE
 from shared.errors import PublishError, TransportError, UnroutableError
@@ -21,6 +22,8 @@ class _Queued:
     headers: dict[str, Any]
     redelivered: bool = False
     user_id: str | None = None
+    exchange: str = ""
+    routing_key: str = ""
 
 
 @dataclass
@@ -36,6 +39,8 @@ class MemoryBroker:
         self._lock = threading.Condition()
         self._exchanges: dict[str, _Exchange] = {}
         self._queues: dict[str, deque[_Queued]] = {}
+        # A queue's x-dead-letter-exchange, where a message rejected without requeue goes.
+        self._dead_letter_exchanges: dict[str, str] = {}
 
     def declare_exchange(self, name: str, kind: str) -> None:
         """Create an exchange of kind direct or fanout if it does not exist."""
@@ -47,10 +52,13 @@ class MemoryBroker:
         with self._lock:
             return name in self._exchanges
 
-    def declare_queue(self, name: str) -> None:
-        """Create a queue if it does not exist."""
+    def declare_queue(self, name: str, dead_letter_exchange: str = "") -> None:
+        """Create a queue if it does not exist, with the exchange its rejects go to (if any)."""
         with self._lock:
-            self._queues.setdefault(name, deque())
+            if name not in self._queues:
+                self._queues[name] = deque()
+                if dead_letter_exchange:
+                    self._dead_letter_exchanges[name] = dead_letter_exchange
 
     def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         """Route messages of an exchange with this key (any key for fanout) to a queue."""
@@ -77,7 +85,8 @@ class MemoryBroker:
             if not targets:
                 raise UnroutableError(f"message to {exchange!r}/{routing_key!r} is unroutable")
             for queue in targets:
-                self._queues[queue].append(_Queued(body, headers, user_id=user_id))
+                queued = _Queued(body, headers, False, user_id, exchange, routing_key)
+                self._queues[queue].append(queued)
             self._lock.notify_all()
 
     def take(self, queues: list[str], timeout: float) -> tuple[str, _Queued] | None:
@@ -101,6 +110,18 @@ class MemoryBroker:
             self._queues[queue].appendleft(message)
             self._lock.notify_all()
 
+    def dead_letter(self, queue: str, message: _Queued) -> None:
+        """Route a message rejected without requeue to its queue's dead-letter exchange with an
+        x-death header, as RabbitMQ does; drop it if the queue has none or nothing is bound."""
+        with self._lock:
+            exchange = self._dead_letter_exchanges.get(queue)
+            if exchange is None:
+                return
+            headers = with_death(message.headers, queue, "rejected", message)
+            # RabbitMQ drops a dead letter that its exchange cannot route.
+            with contextlib.suppress(PublishError):
+                self.route(exchange, message.routing_key, message.body, headers, message.user_id)
+
     def depth(self, queue: str) -> int:
         """Messages ready in a queue."""
         with self._lock:
@@ -111,6 +132,7 @@ class MemoryBroker:
         with self._lock:
             for queue in queues:
                 self._queues.pop(queue, None)
+                self._dead_letter_exchanges.pop(queue, None)
             for exchange in exchanges:
                 self._exchanges.pop(exchange, None)
             for ex in self._exchanges.values():
@@ -124,6 +146,30 @@ class MemoryBroker:
             count = len(pending)
             pending.clear()
             return count
+
+
+def with_death(
+    headers: dict[str, Any], queue: str, reason: str, message: _Queued
+) -> dict[str, Any]:
+    """The headers with RabbitMQ's x-death record of one more dead-lettering: the entry of
+    this (queue, reason) counted up and moved first, or a new one; x-first-death-* once."""
+    deaths = [dict(d) for d in headers.get(DEATH_HEADER) or [] if isinstance(d, dict)]
+    same = [d for d in deaths if (d.get("queue"), d.get("reason")) == (queue, reason)]
+    entry = {
+        "queue": queue,
+        "reason": reason,
+        "count": int(same[0].get("count", 0)) + 1 if same else 1,
+        "exchange": message.exchange,
+        "routing-keys": [message.routing_key],
+        "time": time.time(),
+    }
+    first = {
+        "x-first-death-queue": queue,
+        "x-first-death-reason": reason,
+        "x-first-death-exchange": message.exchange,
+    }
+    rest = [d for d in deaths if d not in same]
+    return first | headers | {DEATH_HEADER: [entry, *rest]}
 
 
 class MemoryTransport(Transport):
@@ -148,13 +194,13 @@ class MemoryTransport(Transport):
     def declare(self) -> None:
         """Declare jobs, updates and dead exchanges and queues."""
         t, b = self.topology, self.broker
-        for name, kind, key in (
-            (t.jobs, "direct", JOB_ROUTING_KEY),
-            (t.updates, "direct", UPDATE_ROUTING_KEY),
-            (t.dead, "fanout", ""),
+        for name, kind, key, dead_letter_exchange in (
+            (t.jobs, "direct", JOB_ROUTING_KEY, t.dead),
+            (t.updates, "direct", UPDATE_ROUTING_KEY, t.dead),
+            (t.dead, "fanout", "", ""),  # the end of the line, as on RabbitMQ
         ):
             b.declare_exchange(name, kind)
-            b.declare_queue(name)
+            b.declare_queue(name, dead_letter_exchange)
             b.bind(name, name, key)
         b.declare_exchange(t.tasks, "direct")
 
@@ -162,7 +208,7 @@ class MemoryTransport(Transport):
         """Declare a worker's task queue bound by its id."""
         queue = self.topology.task_queue(worker_id)
         self.broker.declare_exchange(self.topology.tasks, "direct")
-        self.broker.declare_queue(queue)
+        self.broker.declare_queue(queue, self.topology.dead)
         self.broker.bind(queue, self.topology.tasks, worker_id)
 
     def exchange_exists(self, exchange: str) -> bool:
@@ -207,9 +253,7 @@ class MemoryTransport(Transport):
         if not ack and requeue:
             self.broker.give_back(queue, message)
         elif not ack:
-            self.broker.route(
-                self.topology.dead, "", message.body, message.headers, message.user_id
-            )
+            self.broker.dead_letter(queue, message)
 
     def teardown(self, worker_ids: list[str]) -> None:
         """Delete this topology's queues and exchanges from the in-process broker."""

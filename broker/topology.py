@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,16 @@ DELIVERY_LIMIT = 20
 # The worker id a publisher claims (workers set it on updates): whose chunk sets are whose,
 # where no broker-validated user_id says it (docs/protocol.md section 7.3).
 SENDER_HEADER = "x-fedq-sender"
+# The broker-validated user_id of the message's publisher, copied by the service that
+# dead-letters it (the dead-lettered copy is published under the service's own user).
+USER_ID_HEADER = "x-fedq-user-id"
+# Written by RabbitMQ when it dead-letters a message itself (a reject or nack without requeue,
+# a delivery limit): the newest entry first, with the queue it left and why.
+DEATH_HEADER = "x-death"
+# Header names that belong to the broker (x-death, x-first-death-*, x-delivery-count) and to
+# fedq (x-fedq-*): a sender's own are dropped when a service dead-letters its message, so that
+# those of a dead letter are its writer's (docs/protocol.md 1.3).
+RESERVED_HEADER_PREFIX = "x-"
 
 
 @dataclass(frozen=True)
@@ -29,7 +40,7 @@ class Topology:
     | <p>.jobs        | direct | <p>.jobs (quorum, SAC)     | fedq submit | aggregator |
     | <p>.tasks       | direct | <p>.tasks.<worker> (quorum)| aggregator  | that worker|
     | <p>.updates     | direct | <p>.updates (quorum)       | workers     | aggregator |
-    | <p>.dead        | fanout | <p>.dead (quorum)          | services    | operators  |
+    | <p>.dead        | fanout | <p>.dead (quorum)          | aggregator, broker | operators |
     """
 
     prefix: str = "fedq"
@@ -90,3 +101,41 @@ class Topology:
             "definition": {"delivery-limit": DELIVERY_LIMIT},
             "priority": 0,
         }
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Why a message is on the dead queue and where it came from, read from trusted headers.
+
+    `by` is "broker" when RabbitMQ dead-lettered it (x-death: a worker refused a task, or a
+    delivery limit), "service" when a service published it with its x-fedq-* headers (only the
+    aggregator's and operators' accounts may write the dead exchange), "unknown" otherwise.
+    """
+
+    reason: str
+    queue: str
+    by: str
+
+
+def read_dead_letter(headers: Mapping[str, Any]) -> DeadLetter:
+    """Read a dead letter's reason and source queue, trusting only what its writer could set.
+
+    A broker-made dead letter keeps its publisher's headers, x-fedq-* included, so those are
+    ignored when x-death is present; its first entry is the broker's newest (a client's own
+    x-death entries, which RabbitMQ 3.x merges, come after it).
+    """
+    deaths = headers.get(DEATH_HEADER)
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        newest = deaths[0]
+        return DeadLetter(_text(newest.get("reason")), _text(newest.get("queue")), "broker")
+    reason = headers.get(REASON_HEADER)
+    if reason is None:
+        return DeadLetter("unknown", "", "unknown")
+    return DeadLetter(_text(reason), _text(headers.get(SOURCE_HEADER)), "service")
+
+
+def _text(value: Any) -> str:
+    """A header value as text (pika gives AMQP long strings as str or bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from broker.spool import ChunkSpool, monotonic_of
-from broker.topology import DETAIL_HEADER, REASON_HEADER, SENDER_HEADER, SOURCE_HEADER, Topology
+from broker.topology import (
+    DETAIL_HEADER,
+    REASON_HEADER,
+    RESERVED_HEADER_PREFIX,
+    SENDER_HEADER,
+    SOURCE_HEADER,
+    USER_ID_HEADER,
+    Topology,
+)
 from shared.chunks import (
     DEFAULT_CHUNK_SIZE,
     Chunk,
@@ -72,6 +80,22 @@ class _SetHandle:
 
 
 RejectHook = Callable[[str], None]
+MAX_DETAIL = 500
+
+
+def dead_letter_headers(
+    headers: dict[str, Any], reason: str, queue: str, detail: str = "", user_id: str | None = None
+) -> dict[str, Any]:
+    """The headers of a service's dead-lettered copy: the sender's own, less every x- header
+    (a sender could forge x-fedq-reason or x-death), plus the reason, the source queue, the
+    detail and the sender's broker-validated user_id (docs/protocol.md 1.3)."""
+    kept = {k: v for k, v in headers.items() if not k.startswith(RESERVED_HEADER_PREFIX)}
+    kept |= {REASON_HEADER: reason, SOURCE_HEADER: queue}
+    if detail:
+        kept[DETAIL_HEADER] = detail[:MAX_DETAIL]
+    if user_id:
+        kept[USER_ID_HEADER] = user_id
+    return kept
 
 
 class Transport(ABC):
@@ -90,6 +114,10 @@ class Transport(ABC):
         self.topology = topology
         self.chunk_size = chunk_size
         self.on_reject: RejectHook | None = None
+        # True for a worker, whose account may not write the dead exchange: what it rejects is
+        # nacked without requeue, and RabbitMQ dead-letters it through the queue's
+        # x-dead-letter-exchange with an x-death header no client can write for it.
+        self.dead_letters_by_broker = False
         # The user_id every message is published with (None: not set); see stamp_user_id.
         self.user_id: str | None = None
         self._reassembler: Reassembler[_Held] = Reassembler()
@@ -192,12 +220,23 @@ class Transport(ABC):
                 # Its envelopes are acked: it waits here, not in the queue, to be received again.
                 self._ready.append(replace(delivery, redelivered=True))
             else:
-                self.publish(self.topology.dead, "", delivery.body, dict(delivery.headers))
+                # Its envelopes are acked, so the broker cannot dead-letter it any more.
+                self._dead_letter_set(delivery, "rejected", "")
                 self._drop_set(handle.message_id)
 
     def reject(self, delivery: Delivery, reason: str, detail: str = "") -> None:
-        """Dead-letter a delivery with its reason in a header, then ack it: nothing is lost."""
-        self.dead_letter(delivery.body, delivery.queue, reason, delivery.headers, detail)
+        """Dead-letter a delivery with its reason in a header, then ack it: nothing is lost.
+
+        With dead_letters_by_broker, nack it without requeue instead: the broker dead-letters
+        it with x-death, and the reason stays with the caller (its log and metrics)."""
+        if self.dead_letters_by_broker:
+            self.nack(delivery, requeue=False)
+            if self.on_reject is not None:
+                self.on_reject(reason)
+            return
+        self.dead_letter(
+            delivery.body, delivery.queue, reason, delivery.headers, detail, delivery.user_id
+        )
         self.ack(delivery)
 
     def dead_letter(
@@ -207,14 +246,30 @@ class Transport(ABC):
         reason: str,
         headers: dict[str, Any] | None = None,
         detail: str = "",
+        user_id: str | None = None,
     ) -> None:
         """Publish a copy of a rejected message to the dead exchange with its reason."""
-        extra = {REASON_HEADER: reason, SOURCE_HEADER: queue}
-        if detail:
-            extra[DETAIL_HEADER] = detail[:500]
-        self.publish(self.topology.dead, "", body, dict(headers or {}) | extra)
+        extra = dead_letter_headers(headers or {}, reason, queue, detail, user_id)
+        self.publish(self.topology.dead, "", body, extra)
         if self.on_reject is not None:
             self.on_reject(reason)
+
+    def _dead_letter_set(self, delivery: Delivery, reason: str, detail: str) -> None:
+        """A reassembled message whose envelopes are acked: dead-letter its copy ourselves,
+        or, when the broker does the dead-lettering, drop it (logged once)."""
+        if self.dead_letters_by_broker:
+            logger.warning(
+                "dropping a %d-byte chunked message from %s (%s): its chunks are acked, and this "
+                "account cannot write the dead exchange",
+                len(delivery.body),
+                delivery.queue,
+                reason,
+            )
+            return
+        headers = dead_letter_headers(
+            delivery.headers, reason, delivery.queue, detail, delivery.user_id
+        )
+        self.publish(self.topology.dead, "", delivery.body, headers)
 
     # -------------------------------------------------------------- chunks
 
@@ -338,7 +393,14 @@ class Transport(ABC):
             self._drop_set(message_id)
 
     def _dead_letter_held(self, helds: list[_Held], reason: str, detail: str, count: bool) -> None:
-        """Publish held envelopes, unchanged, to the dead exchange with the reason headers."""
+        """Publish held envelopes, unchanged, to the dead exchange with the reason headers.
+
+        With dead_letters_by_broker they are dropped instead: they are acked, so the broker
+        cannot dead-letter them, and this account may not write the dead exchange."""
+        if self.dead_letters_by_broker:
+            if count:
+                logger.warning("dropping %d chunk envelopes (%s): %s", len(helds), reason, detail)
+            helds = []
         for held in helds:
             body = held.body
             if held.path is not None and self._spool is not None:
@@ -347,17 +409,18 @@ class Transport(ABC):
                 except OSError as e:
                     logger.warning("spooled chunk %s is gone: %r", held.path, e)
                     continue
-            extra = {REASON_HEADER: reason, SOURCE_HEADER: held.queue, DETAIL_HEADER: detail[:500]}
-            self._publish_raw(self.topology.dead, "", body, held.headers | extra)
+            headers = dead_letter_headers(held.headers, reason, held.queue, detail, held.user_id)
+            self._publish_raw(self.topology.dead, "", body, headers)
         if count and self.on_reject is not None:
             self.on_reject(reason)
 
     def _reject_raws(self, raws: list[RawMessage], reason: str, detail: str = "") -> None:
         for index, raw in enumerate(raws):
-            extra = {REASON_HEADER: reason, SOURCE_HEADER: raw.queue}
-            if detail:
-                extra[DETAIL_HEADER] = detail[:500]
-            self._publish_raw(self.topology.dead, "", raw.body, raw.headers | extra)
-            self._settle_raw(raw.handle, ack=True, requeue=False)
+            if self.dead_letters_by_broker:
+                self._settle_raw(raw.handle, ack=False, requeue=False)
+            else:
+                headers = dead_letter_headers(raw.headers, reason, raw.queue, detail, raw.user_id)
+                self._publish_raw(self.topology.dead, "", raw.body, headers)
+                self._settle_raw(raw.handle, ack=True, requeue=False)
             if index == 0 and self.on_reject is not None:
                 self.on_reject(reason)

@@ -17,7 +17,7 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
-from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, read_dead_letter
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
 from shared.messages import Hello, Job, Update, encode_message
 from shared.models import build_model, state_to_numpy
@@ -78,12 +78,13 @@ def send_delta(
 
 
 def dead_letters(memory: MemoryBroker) -> list[tuple[str, bytes]]:
-    """(reason, body) of every message on the dead queue so far, taken off it."""
+    """(reason, body) of every message on the dead queue so far, taken off it: a service's
+    x-fedq-reason, or the broker's x-death reason ("rejected") for a worker's refused task."""
     reader = MemoryTransport(memory, TOPOLOGY)
     reader.subscribe(TOPOLOGY.dead)
     taken = []
     while (delivery := reader.receive(0)) is not None:
-        taken.append((delivery.headers[REASON_HEADER], delivery.body))
+        taken.append((read_dead_letter(delivery.headers).reason, delivery.body))
         reader.ack(delivery)
     return taken
 

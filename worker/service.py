@@ -74,6 +74,9 @@ class WorkerService:
         health: Health | None = None,
     ) -> None:
         self.transport = transport
+        # A worker's account may not write the dead exchange (`fedq broker add-worker`): a task
+        # it refuses is dead-lettered by the broker, with an x-death header naming its queue.
+        transport.dead_letters_by_broker = True
         self.settings = settings
         self.data = data
         self.device = device
@@ -235,18 +238,18 @@ class WorkerService:
     def _take(self, delivery: Delivery) -> None:
         received = time.perf_counter()
         self.metrics.bytes_received.inc(len(delivery.body))
+        message: Task | None = None
         try:
-            message = decode_message(delivery.body)
-            if not isinstance(message, Task):
+            decoded = decode_message(delivery.body)
+            if not isinstance(decoded, Task):
                 raise ProtocolError(
-                    f"a task queue got a {type(message).__name__}", "unexpected_type"
+                    f"a task queue got a {type(decoded).__name__}", "unexpected_type"
                 )
+            message = decoded
             if message.worker_id != self.worker_id:
                 raise ProtocolError(f"task is for worker {message.worker_id!r}", "wrong_worker")
         except ProtocolError as e:
-            logger.warning("rejecting a task: %s", e)
-            self.metrics.tasks_failed.labels(e.reason).inc()
-            self.transport.reject(delivery, e.reason)
+            self._refuse(delivery, e, message)
             return
         # Acked on receipt: training may outlast the broker's consumer timeout, and a lost
         # task is re-issued when this worker next says it is idle.
@@ -261,6 +264,19 @@ class WorkerService:
                 return
         self._pending = message
         self._pending_cycle = _Cycle(received, time.perf_counter(), message.issued_at)
+
+    def _refuse(self, delivery: Delivery, error: ProtocolError, task: Task | None) -> None:
+        """Refuse a task: the broker dead-letters it (x-death names this worker's queue), and
+        the reason goes to the log, the metrics and, for a task it could read, the aggregator."""
+        logger.warning("refusing a task from %s (%s): %s", delivery.queue, error.reason, error)
+        self.metrics.tasks_failed.labels(error.reason).inc()
+        self.transport.reject(delivery, error.reason, str(error))
+        if task is not None:
+            detail = str(error)[:MAX_FAILURE_DETAIL]
+            failure = Failure(self.worker_id, task.job_id, task.task_id, error.reason, detail)
+            self.transport.publish(
+                self.transport.topology.updates, UPDATE_ROUTING_KEY, encode_message(failure)
+            )
 
     def _model_for(self, spec: ModelSpec) -> nn.Module:
         model = self._models.get(spec)

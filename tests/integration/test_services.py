@@ -17,9 +17,10 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
-from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, DeadLetter, read_dead_letter
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig
 from shared.messages import (
+    Failure,
     GlobalModel,
     Hello,
     Job,
@@ -201,8 +202,31 @@ def test_a_worker_trains_the_newest_of_several_queued_tasks(memory: MemoryBroker
     assert worker.metrics.tasks_superseded._value.get() == 2
 
 
+def _refused_tasks(memory: MemoryBroker) -> list[tuple[DeadLetter, bytes]]:
+    """What the broker dead-lettered: (who, why, from where) and the body, taken off the queue."""
+    reader = MemoryTransport(memory, TOPOLOGY)
+    reader.subscribe(TOPOLOGY.dead)
+    taken = []
+    while (delivery := reader.receive(0)) is not None:
+        taken.append((read_dead_letter(delivery.headers), delivery.body))
+        reader.ack(delivery)
+    return taken
+
+
+def _reports(listener: MemoryTransport) -> list[Failure]:
+    """The failure reports on the updates queue (hellos are passed over)."""
+    messages = []
+    while (delivery := listener.receive(0)) is not None:
+        messages.append(decode_message(delivery.body))
+    return [m for m in messages if isinstance(m, Failure)]
+
+
 @pytest.mark.timeout(60)
-def test_a_worker_rejects_a_task_meant_for_another_worker(memory: MemoryBroker) -> None:
+def test_a_worker_refuses_a_task_meant_for_another_worker_and_reports_why(
+    memory: MemoryBroker,
+) -> None:
+    listener = MemoryTransport(memory, TOPOLOGY)
+    listener.subscribe(TOPOLOGY.updates)
     worker = _worker(memory, "w0")
     worker.start()
     task = Task(
@@ -213,12 +237,35 @@ def test_a_worker_rejects_a_task_meant_for_another_worker(memory: MemoryBroker) 
         TrainingConfig(),
         GlobalModel("job", 0, MODEL, {"w": np.zeros(1, np.float32)}),
     )
-    MemoryTransport(memory, TOPOLOGY).publish(TOPOLOGY.tasks, "w0", encode_message(task))
+    body = encode_message(task)
+    MemoryTransport(memory, TOPOLOGY).publish(TOPOLOGY.tasks, "w0", body)
 
     worker.step(0.1)
 
-    assert [reason for reason, _ in dead_letters(memory)] == ["wrong_worker"]
+    queue = TOPOLOGY.task_queue("w0")
+    assert _refused_tasks(memory) == [(DeadLetter("rejected", queue, "broker"), body)]
+    [failure] = _reports(listener)
+    assert (failure.worker_id, failure.job_id, failure.task_id) == ("w0", "job", "t1")
+    assert (failure.reason, failure.detail) == ("wrong_worker", "task is for worker 'w9'")
     assert not worker.busy
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_refuses_an_unreadable_task_through_the_broker_and_reports_nothing(
+    memory: MemoryBroker,
+) -> None:
+    listener = MemoryTransport(memory, TOPOLOGY)
+    listener.subscribe(TOPOLOGY.updates)
+    worker = _worker(memory, "w0")
+    worker.start()
+    MemoryTransport(memory, TOPOLOGY).publish(TOPOLOGY.tasks, "w0", b"\xc1 not a task")
+
+    worker.step(0.1)
+
+    queue = TOPOLOGY.task_queue("w0")
+    assert _refused_tasks(memory) == [(DeadLetter("rejected", queue, "broker"), b"\xc1 not a task")]
+    assert _reports(listener) == []  # it has no job or task id to report
+    assert worker.metrics.tasks_failed.labels("malformed")._value.get() == 1
 
 
 @pytest.mark.timeout(60)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
+import torch
 from hostile_input import JOB_ID, _update, job
 from prometheus_client import CollectorRegistry
 from rabbitmq_scratch import PASSWORD, Vhost
@@ -19,9 +21,22 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker.rabbitmq import RabbitMQTransport
-from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from broker.topology import (
+    DETAIL_HEADER,
+    JOB_ROUTING_KEY,
+    REASON_HEADER,
+    SOURCE_HEADER,
+    UPDATE_ROUTING_KEY,
+    USER_ID_HEADER,
+    DeadLetter,
+    read_dead_letter,
+)
 from shared.errors import PublishError, TransportError
 from shared.messages import Cancel, encode_message
+from worker.data import LocalData
+from worker.metrics import WorkerMetrics
+from worker.service import WorkerService
+from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -187,3 +202,107 @@ def test_a_worker_account_cannot_cancel_a_job_and_a_submitting_account_can(
     assert accepted == 0 and service._job is None
     summary = json.loads((tmp_path / "jobs" / JOB_ID / "summary.json").read_text())
     assert summary["stop_reason"] == "cancelled"
+
+
+def _dead_letters(vhost: Vhost) -> list[tuple[dict[str, Any], bytes]]:
+    """(headers, body) of every message on the dead queue, taken off it."""
+    connection, channel = _admin_channel(vhost)
+    taken = []
+    try:
+        while True:
+            method, properties, body = channel.basic_get(vhost.topology.dead, auto_ack=True)  # type: ignore[attr-defined]
+            if method is None:
+                return taken
+            headers = dict(properties.headers or {})
+            headers.pop("x-delivery-count", None)  # the quorum dead queue's own, on delivery
+            taken.append((headers, body))
+    finally:
+        connection.close()
+
+
+def test_a_worker_account_cannot_publish_to_the_dead_exchange(vhost: Vhost) -> None:
+    name = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
+    worker = _worker_transport(vhost, name)
+    forged = {REASON_HEADER: "bad_tensor", SOURCE_HEADER: vhost.topology.updates}
+
+    with pytest.raises(PublishError, match="ACCESS_REFUSED"):
+        worker.publish(vhost.topology.dead, "", b"a forged dead letter", forged)
+
+    assert _dead_letters(vhost) == []
+    worker.publish(vhost.topology.updates, UPDATE_ROUTING_KEY, b"still fine")
+
+
+def _worker_service(vhost: Vhost, name: str) -> WorkerService:
+    """A least-privilege worker service on the vhost, with a little random local data."""
+    generator = torch.Generator().manual_seed(0)
+    data = LocalData(torch.randn(16, 1, 8, 8, generator=generator), torch.arange(16) % 10)
+    settings = WorkerSettings(
+        worker_id=name, broker=vhost.url(name, PASSWORD), stamp_user_id=True,
+        declare_topology=False, poll_interval_s=0.1,
+    )  # fmt: skip
+    return WorkerService(
+        _worker_transport(vhost, name),
+        settings,
+        data,
+        torch.device("cpu"),
+        WorkerMetrics(CollectorRegistry()),
+    )
+
+
+def test_a_worker_refuses_an_unreadable_task_through_its_queues_dead_letter_exchange(
+    vhost: Vhost,
+) -> None:
+    name = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
+    t = vhost.topology
+    worker = _worker_service(vhost, name)
+    worker.start()
+    admin = vhost.transport()
+
+    admin.publish(t.tasks, name, b"\xc1 not a task")
+    refused = worker.metrics.tasks_failed.labels("malformed")
+    while refused._value.get() == 0:
+        worker.step(0.1)
+
+    [(headers, body)] = _dead_letters(vhost)
+    assert body == b"\xc1 not a task"
+    [death] = headers["x-death"]
+    assert (death["queue"], death["reason"], death["count"]) == (t.task_queue(name), "rejected", 1)
+    assert not any(key.startswith("x-fedq-") for key in headers)
+    assert read_dead_letter(headers) == DeadLetter("rejected", t.task_queue(name), "broker")
+
+
+def test_forged_dead_letter_headers_on_an_update_do_not_survive_the_aggregators_dead_lettering(
+    vhost: Vhost, tmp_path: Path
+) -> None:
+    name = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
+    t = vhost.topology
+    transport = vhost.transport(stamp_user_id=True)
+    settings = AggregatorSettings(state_dir=str(tmp_path))
+    service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
+    transport.declare()
+    transport.subscribe(t.updates)
+    worker = _worker_transport(vhost, name)
+    forged = {
+        REASON_HEADER: "bad_tensor",
+        SOURCE_HEADER: t.task_queue("site-b"),
+        DETAIL_HEADER: "site-b sent NaNs",
+        USER_ID_HEADER: "site-b",
+        "x-death": [{"queue": t.task_queue("site-b"), "reason": "rejected", "count": 1}],
+        "x-first-death-reason": "rejected",
+        "x-first-death-queue": t.task_queue("site-b"),
+        "note": "kept",
+    }
+    update = _update("forged-headers", 0, worker_id=name, job_id="no-such-job")
+
+    worker.publish(t.updates, UPDATE_ROUTING_KEY, encode_message(update), forged)
+    service.run_until_idle(idle_s=0.5)
+
+    [(headers, _)] = _dead_letters(vhost)
+    assert headers == {
+        REASON_HEADER: "unknown_job",
+        SOURCE_HEADER: t.updates,
+        DETAIL_HEADER: "job 'no-such-job' is not running",
+        USER_ID_HEADER: name,
+        "note": "kept",
+    }
+    assert read_dead_letter(headers) == DeadLetter("unknown_job", t.updates, "service")

@@ -345,8 +345,8 @@ def needs(user: str) -> dict[str, tuple[set[str], set[str]]]:
     return {
         # Workers declare nothing (FEDQ_DECLARE_TOPOLOGY=false): their queue is only checked.
         "configure": (set(), everything),
-        # Never publish models or jobs: not the tasks or jobs exchanges, not the default one.
-        "write": ({T.updates, T.dead}, {T.tasks, T.jobs, own, other, "amq.default"}),
+        # Never publish models, jobs or dead letters (the broker dead-letters a refused task).
+        "write": ({T.updates}, {T.tasks, T.jobs, T.dead, own, other, "amq.default"}),
         "read": ({own}, {T.jobs, T.updates, T.dead, T.tasks, other}),
     }
 

@@ -9,7 +9,16 @@ import msgpack
 import pytest
 
 from broker.memory import MemoryBroker, MemoryTransport
-from broker.topology import REASON_HEADER, SOURCE_HEADER, UPDATE_ROUTING_KEY, Topology
+from broker.topology import (
+    DETAIL_HEADER,
+    REASON_HEADER,
+    SOURCE_HEADER,
+    UPDATE_ROUTING_KEY,
+    USER_ID_HEADER,
+    DeadLetter,
+    Topology,
+    read_dead_letter,
+)
 from broker.transport import Delivery
 from shared.chunks import split_payload
 from shared.errors import PublishError, TransportError
@@ -95,15 +104,96 @@ def test_a_nack_with_requeue_gives_the_message_back_marked_redelivered(
     assert again.redelivered
 
 
-def test_a_nack_without_requeue_drops_the_message_to_the_dead_queue(
+def test_a_nack_without_requeue_is_dead_lettered_by_the_broker_with_x_death(
     transport: MemoryTransport, broker: MemoryBroker
 ) -> None:
     publish_update(transport, b"drop me")
 
     transport.nack(receive(transport), requeue=False)
 
-    assert [body for body, _ in dead_letters(broker)] == [b"drop me"]
+    [(body, headers)] = dead_letters(broker)
+    assert body == b"drop me"
+    [death] = headers["x-death"]
+    assert (death["queue"], death["reason"], death["count"]) == (TOPOLOGY.updates, "rejected", 1)
+    assert (death["exchange"], death["routing-keys"]) == (TOPOLOGY.updates, [UPDATE_ROUTING_KEY])
+    assert headers["x-first-death-queue"] == TOPOLOGY.updates
+    assert read_dead_letter(headers) == DeadLetter("rejected", TOPOLOGY.updates, "broker")
     assert transport.receive(0) is None
+
+
+def test_a_message_dead_lettered_again_from_the_same_queue_counts_up_its_x_death_entry(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    publish_update(transport, b"twice")
+    transport.nack(receive(transport), requeue=False)
+    [(body, headers)] = dead_letters(broker)
+    transport.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, body, headers)  # an operator's replay
+
+    transport.nack(receive(transport), requeue=False)
+
+    [(_, again)] = dead_letters(broker)
+    [death] = again["x-death"]
+    assert (death["queue"], death["count"]) == (TOPOLOGY.updates, 2)
+
+
+def test_a_message_rejected_from_the_dead_queue_is_dropped_as_on_rabbitmq(
+    broker: MemoryBroker,
+) -> None:
+    reader = MemoryTransport(broker, TOPOLOGY)
+    reader.declare()
+    reader.subscribe(TOPOLOGY.dead)
+    broker.route(TOPOLOGY.dead, "", b"dead", {})
+
+    reader.nack(receive(reader), requeue=False)
+
+    assert broker.depth(TOPOLOGY.dead) == 0
+
+
+def test_a_transport_that_dead_letters_by_broker_rejects_with_x_death_and_no_reason_header(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    reasons: list[str] = []
+    transport.on_reject = reasons.append
+    transport.dead_letters_by_broker = True
+    publish_update(transport, b"refused")
+
+    transport.reject(receive(transport), "malformed", "not msgpack")
+
+    [(body, headers)] = dead_letters(broker)
+    assert body == b"refused"
+    assert headers["x-death"][0]["queue"] == TOPOLOGY.updates
+    assert not any(key.startswith("x-fedq-") for key in headers)
+    assert reasons == ["malformed"]
+
+
+def test_a_transport_that_dead_letters_by_broker_never_publishes_to_the_dead_exchange(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    transport.dead_letters_by_broker = True
+    bad = msgpack.unpackb(split_payload(bytes(3000), 1024)[0])
+    bad["index"] = 99  # an invalid envelope: still unsettled, so the broker dead-letters it
+    broker.route(TOPOLOGY.updates, UPDATE_ROUTING_KEY, msgpack.packb(bad, use_bin_type=True), {})
+    tampered = split_payload(bytes(10_000), 1024)  # a bad set, whose envelopes are acked
+    envelope = msgpack.unpackb(tampered[3])
+    envelope["data"] = b"\x01" + envelope["data"][1:]
+    tampered[3] = msgpack.packb(envelope, use_bin_type=True)
+    for part in tampered:
+        broker.route(TOPOLOGY.updates, UPDATE_ROUTING_KEY, part, {})
+    published: list[str] = []
+    publish_raw = transport._publish_raw
+
+    def record(exchange: str, *args: Any) -> None:
+        published.append(exchange)
+        publish_raw(exchange, *args)
+
+    transport._publish_raw = record  # type: ignore[method-assign]
+
+    assert transport.receive(TIMEOUT) is None
+
+    assert published == []
+    [(_, headers)] = dead_letters(broker)  # only the invalid envelope, by the broker
+    assert headers["x-death"][0]["queue"] == TOPOLOGY.updates
+    assert broker.depth(TOPOLOGY.updates) == 0
 
 
 def test_a_rejected_message_is_dead_lettered_with_its_reason_and_source(
@@ -111,7 +201,7 @@ def test_a_rejected_message_is_dead_lettered_with_its_reason_and_source(
 ) -> None:
     reasons: list[str] = []
     transport.on_reject = reasons.append
-    transport.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, b"bad", {"x-origin": "w1"})
+    transport.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, b"bad", {"origin": "w1"})
 
     transport.reject(receive(transport), "too_stale")
 
@@ -119,9 +209,35 @@ def test_a_rejected_message_is_dead_lettered_with_its_reason_and_source(
     assert body == b"bad"
     assert headers[REASON_HEADER] == "too_stale"
     assert headers[SOURCE_HEADER] == TOPOLOGY.updates
-    assert headers["x-origin"] == "w1"
+    assert headers["origin"] == "w1"
     assert reasons == ["too_stale"]
     assert broker.depth(TOPOLOGY.updates) == 0
+
+
+def test_a_senders_forged_dead_letter_headers_are_replaced_by_the_rejecting_services(
+    transport: MemoryTransport, broker: MemoryBroker
+) -> None:
+    forged = {
+        REASON_HEADER: "bad_tensor",
+        SOURCE_HEADER: TOPOLOGY.task_queue("site-b"),
+        DETAIL_HEADER: "site-b sent NaNs",
+        USER_ID_HEADER: "site-b",
+        "x-death": [{"queue": TOPOLOGY.task_queue("site-b"), "reason": "rejected", "count": 1}],
+        "x-first-death-reason": "rejected",
+    }
+    MemoryTransport(broker, TOPOLOGY, user="site-a").publish(
+        TOPOLOGY.updates, UPDATE_ROUTING_KEY, b"forged", forged
+    )
+
+    transport.reject(receive(transport), "unknown_job")
+
+    ((_, headers),) = dead_letters(broker)
+    assert headers == {
+        REASON_HEADER: "unknown_job",
+        SOURCE_HEADER: TOPOLOGY.updates,
+        USER_ID_HEADER: "site-a",
+    }
+    assert read_dead_letter(headers) == DeadLetter("unknown_job", TOPOLOGY.updates, "service")
 
 
 def test_publishing_to_a_worker_without_a_queue_raises_publish_error(
@@ -260,3 +376,17 @@ def test_teardown_deletes_the_topology_so_publishing_to_it_fails() -> None:
     assert broker.depth(transport.topology.updates) == 0
     with pytest.raises(PublishError):
         transport.publish(transport.topology.updates, "update", b"x")
+
+
+def test_a_broker_made_dead_letter_is_read_from_its_x_death_not_its_publishers_headers() -> None:
+    headers = {
+        REASON_HEADER: "bad_tensor",  # the publisher's own, carried along by the broker
+        SOURCE_HEADER: TOPOLOGY.updates,
+        "x-death": [
+            {"queue": b"test.tasks.w0", "reason": b"rejected", "count": 1},
+            {"queue": "test.tasks.w9", "reason": "expired", "count": 1},  # a publisher's
+        ],
+    }
+
+    assert read_dead_letter(headers) == DeadLetter("rejected", "test.tasks.w0", "broker")
+    assert read_dead_letter({}) == DeadLetter("unknown", "", "unknown")
