@@ -36,7 +36,10 @@ def _local_data(n: int = 64) -> LocalData:
 def _services(
     scratch: Scratch, tmp_path: Path, spec: JobSpec, url: str | None = None, slowdown: float = 1.0
 ) -> tuple[AggregatorService, WorkerService]:
-    settings = AggregatorSettings(broker=scratch.url, state_dir=str(tmp_path), max_jobs=1)
+    # bigmodel (a module of these tests) is the one model module the services may import.
+    settings = AggregatorSettings(
+        broker=scratch.url, state_dir=str(tmp_path), max_jobs=1, allowed_modules=("bigmodel",)
+    )
     aggregator = AggregatorService(
         scratch.transport(), settings, AggregatorMetrics(CollectorRegistry())
     )
@@ -44,7 +47,12 @@ def _services(
     worker_id = scratch.worker("w0")
     worker = WorkerService(
         scratch.transport(url),
-        WorkerSettings(worker_id=worker_id, slowdown=slowdown, hello_interval_s=1.0),
+        WorkerSettings(
+            worker_id=worker_id,
+            slowdown=slowdown,
+            hello_interval_s=1.0,
+            allowed_modules=("bigmodel",),
+        ),
         _local_data(),
         torch.device("cpu"),
         WorkerMetrics(CollectorRegistry()),
