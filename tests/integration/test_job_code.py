@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from memory_job import JOB_ID, TOPOLOGY, aggregator, dead_letters, memory_worker
 
+from aggregator.cli import main
 from broker import MemoryBroker, MemoryTransport
 from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, TrainingConfig
@@ -177,3 +180,31 @@ def test_an_updates_queue_job_from_a_worker_is_refused_whatever_it_names(
 
     assert [reason for reason, _ in dead_letters(memory)] == ["unexpected_type"]
     assert service._job is None and mkdir_calls == []
+
+
+@pytest.fixture
+def data_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A user's data set module, `fedq_run_data:digits`, importable from a folder of its own."""
+    folder = tmp_path / "site-code"
+    folder.mkdir()
+    (folder / "fedq_run_data.py").write_text(
+        "from shared.datasets import load_dataset\n\n"
+        "def digits(split):\n    return load_dataset('digits', split)\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    yield "fedq_run_data"
+    sys.modules.pop("fedq_run_data", None)
+
+
+def test_fedq_run_lets_its_services_import_the_model_and_data_modules_its_user_named(
+    tmp_path: Path, data_module: str
+) -> None:
+    out = tmp_path / "run"
+    argv = ["run", "--model", "batchnorm_model:digits_bn", "--dataset", f"{data_module}:digits"]
+    argv += ["--workers", "2", "--strategy", "fedavg", "--max-versions", "2"]
+
+    code = main([*argv, "--out", str(out), "--quiet"])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0 and summary["versions"] == 2 and summary["updates_accepted"] == 4
+    assert summary["model"] == "batchnorm_model:digits_bn"

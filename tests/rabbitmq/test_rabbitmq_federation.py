@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,30 @@ def test_fedq_run_trains_over_rabbitmq_with_every_service_in_its_own_process(
     assert summary["versions"] == 3 and summary["updates_accepted"] == 6
     assert summary["final_accuracy"] > history[0]["accuracy"] + 0.3
     assert sorted(summary["workers"]) == ["w0", "w1"]
+
+
+@pytest.mark.timeout(300)
+def test_fedq_run_over_rabbitmq_allows_its_processes_the_model_module_its_user_named(
+    amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The separate services import batchnorm_model (of tests/) only because `fedq run` passes
+    # them --allow-module: their own allowed_modules is empty.
+    tests = str(Path(__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("FEDQ_ALLOWED_MODULES", raising=False)
+    out = tmp_path / "run"
+
+    code = fedq(
+        [
+            "run", "--broker", amqp_url, "--workers", "2", "--model", "batchnorm_model:digits_bn",
+            "--dataset", "digits", "--strategy", "fedavg", "--max-versions", "1",
+            "--out", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"] == 1 and summary["updates_accepted"] == 2
 
 
 @pytest.mark.timeout(240)
