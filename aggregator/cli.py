@@ -24,6 +24,7 @@ from shared.jobs import JobSpec, load_job_file
 from shared.logs import DEFAULT_LIBRARY_LEVEL, add_logging_arguments, configure_logging
 from shared.messages import ID_PATTERN, Cancel, Job, Message, encode_message
 from shared.ops import Health, Operations
+from shared.references import requested_modules
 from shared.settings import load_settings, masked
 from shared.shapes import check_job
 
@@ -42,6 +43,14 @@ def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-jobs", dest="max_jobs", type=int, help="exit after N jobs")
     parser.add_argument("--worker-timeout", dest="worker_timeout_s", type=float)
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
+    parser.add_argument(
+        "--allow-module",
+        dest="allowed_modules",
+        action="append",
+        metavar="MODULE",
+        help="a module (and its submodules) jobs' module:function models and data sets may be "
+        "imported from; repeatable; replaces the setting allowed_modules",
+    )
     add_logging_arguments(parser, "INFO")
 
 
@@ -127,9 +136,12 @@ def submit_main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_job_here(spec: JobSpec) -> None:
-    """Load the job's data set and build its model on it, on this machine; ConfigError if not."""
+    """Load the job's data set and build its model on it, on this machine; ConfigError if not.
+
+    The modules the job's own file names are imported here: the submitter asked for them (the
+    aggregator imports them only if its allowed_modules has them)."""
     try:
-        check_job(spec)
+        check_job(spec, allowed_modules=requested_modules(spec.model.name, spec.dataset))
     except ConfigError as e:
         raise ConfigError(
             f"{e}\nNothing was published. A job whose model or data set exists only where the "
@@ -145,8 +157,9 @@ def submit_job(broker: str, prefix: str, job_id: str, spec: JobSpec) -> None:
 
 
 def publish_to_jobs(broker: str, prefix: str, message: Message, declare: bool = True) -> None:
-    """Publish a job or a cancel to the jobs exchange (declaring the topology first, or not)."""
-    transport = connect(broker, Topology(prefix))
+    """Publish a job or a cancel to the jobs exchange (declaring the topology first, or not),
+    with the broker-validated user_id that attributes it to this account."""
+    transport = connect(broker, Topology(prefix), stamp_user_id=True)
     try:
         if declare:
             transport.declare()

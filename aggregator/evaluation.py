@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,10 +22,17 @@ logger = logging.getLogger(__name__)
 class Evaluator:
     """Holds one model instance and the test tensors; evaluate() scores a set of weights."""
 
-    def __init__(self, spec: ModelSpec, dataset: str, batch_size: int, device: str) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dataset: str,
+        batch_size: int,
+        device: str,
+        allowed_modules: Collection[str] = (),
+    ) -> None:
         self.device = torch.device(device)
-        self.model = build_model(spec).to(self.device).eval()
-        x, y = tensors_of(load_dataset(dataset, "test"))
+        self.model = build_model(spec, allowed_modules=allowed_modules).to(self.device).eval()
+        x, y = tensors_of(load_dataset(dataset, "test", allowed_modules=allowed_modules))
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.batch_size = batch_size
 

@@ -40,6 +40,7 @@ from shared.jobs import (
     load_job_file,
 )
 from shared.logs import add_logging_arguments, configure_logging
+from shared.references import requested_modules
 from shared.shapes import check_model_takes_data, complete_model
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,11 @@ def check_sites(model: ModelSpec, sites: list[str]) -> None:
     from worker.data import data_spec
 
     for index, site in enumerate(sites):
+        spec = data_spec(site)
+        allowed = requested_modules(model.name, spec)
         try:
-            check_model_takes_data(model, load_dataset(data_spec(site), "train"))
+            data = load_dataset(spec, "train", allowed_modules=allowed)
+            check_model_takes_data(model, data, allowed_modules=allowed)
         except FedqError as e:
             raise ConfigError(f"--data {site} (worker w{index}): {e}") from e
 
@@ -148,11 +152,15 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
     if args.name is not None:
         spec = replace(spec, name=args.name)  # validated again: the name starts the job id
     dataset = args.dataset or spec.dataset
+    model_name = args.model or spec.model.name
+    # The modules the user named (--model, --dataset, the job file) are imported here and by
+    # the services this command starts (allowed_modules): the user asked for them.
+    allowed = requested_modules(model_name, dataset)
     # The job's input shape and classes, else the data's (shared.shapes, as submit and the
     # aggregator do); checked on the data here, with the registry's message, not in a service.
-    data = load_dataset(dataset, "test")
-    model = complete_model(replace(spec.model, name=args.model or spec.model.name), data)
-    check_model_takes_data(model, data)
+    data = load_dataset(dataset, "test", allowed_modules=allowed)
+    model = complete_model(replace(spec.model, name=model_name), data)
+    check_model_takes_data(model, data, allowed_modules=allowed)
     check_sites(model, args.sites)
     strategy = _with(
         spec.strategy,
@@ -268,8 +276,13 @@ def run_embedded(
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, args.threads or os.cpu_count() or 1)))
     memory = MemoryBroker()
     topology = Topology("fedq")
+    allowed = requested_modules(spec.model.name, spec.dataset)
     settings = AggregatorSettings(
-        broker="memory", output_dir=str(out), max_jobs=1, state_dir=str(out / "state")
+        broker="memory",
+        output_dir=str(out),
+        max_jobs=1,
+        state_dir=str(out / "state"),
+        allowed_modules=allowed,
     )
     agg_transport = MemoryTransport(memory, topology)
     aggregator = AggregatorService(agg_transport, settings, AggregatorMetrics(CollectorRegistry()))
@@ -284,6 +297,7 @@ def run_embedded(
             seed=spec.seed + index,
             device="cpu",
             hello_interval_s=2.0,
+            allowed_modules=allowed,
         )
         workers.append(build_worker(ws, memory=memory))
     threads = [threading.Thread(target=w.run, name=w.worker_id, daemon=True) for w in workers]
@@ -335,6 +349,8 @@ def run_processes(
     # The broker URL goes in FEDQ_BROKER (see _spawn), not on command lines that `ps` shows.
     common = ["--prefix", prefix, "--log-level", args.log_level]
     common += ["--library-log-level", args.library_log_level]
+    for module in requested_modules(spec.model.name, spec.dataset):
+        common += ["--allow-module", module]
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     aggregator = _spawn(

@@ -14,7 +14,7 @@ JOB_STATES = ("idle", "running")
 # (the wire allows any short code) is counted as "other", so the label stays bounded.
 # The reasons of workers' failure reports counted apart (others count as "other"). The metric
 # also has the aggregator's own finding, "no_task_queue": a task no queue is bound for.
-FAILURE_REASONS = ("data_mismatch", "training_error")
+FAILURE_REASONS = ("data_mismatch", "model_not_allowed", "training_error")
 
 
 class AggregatorMetrics:

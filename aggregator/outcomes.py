@@ -1,9 +1,9 @@
 """How jobs ended: finished, failed or cancelled, kept durably in the aggregator's state dir.
 
-`<state dir>/job-outcomes.jsonl` has one line per ended job: its id, outcome, stop reason and
-a detail. State dirs written before it existed have `finished-jobs.txt` (one id a line, every
-ended job, failed ones too); those ids are read as ended with an unknown reason and counted as
-finished.
+`<state dir>/job-outcomes.jsonl` has one line per ended job: its id, outcome, stop reason, a
+detail and the broker user that submitted it. State dirs written before it existed have
+`finished-jobs.txt` (one id a line, every ended job, failed ones too); those ids are read as ended
+with an unknown reason and counted as finished.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class Outcome:
     outcome: str
     stop_reason: str
     detail: str = ""
+    # The broker-validated user that published the job; None when its message had none.
+    submitted_by: str | None = None
 
 
 class JobOutcomes:
@@ -69,8 +71,13 @@ class JobOutcomes:
 
     def _add(self, record: dict[str, Any]) -> None:
         job_id = str(record["job_id"])
+        submitted_by = record.get("submitted_by")
         self._ended[job_id] = Outcome(
-            job_id, str(record["outcome"]), str(record["stop_reason"]), str(record["detail"])
+            job_id,
+            str(record["outcome"]),
+            str(record["stop_reason"]),
+            str(record["detail"]),
+            None if submitted_by is None else str(submitted_by),
         )
 
     def __contains__(self, job_id: object) -> bool:
@@ -80,13 +87,17 @@ class JobOutcomes:
         """The outcome of a job, or None if it has not ended."""
         return self._ended.get(job_id)
 
-    def record(self, job_id: str, stop_reason: str, detail: str = "") -> Outcome:
-        """Record that a job ended with this stop reason (a later record of it wins)."""
+    def record(
+        self, job_id: str, stop_reason: str, detail: str = "", submitted_by: str | None = None
+    ) -> Outcome:
+        """Record that a job ended with this stop reason (a later record of it wins), and the
+        broker user that submitted it (None: unknown)."""
         record = {
             "job_id": job_id,
             "outcome": outcome_of(stop_reason),
             "stop_reason": stop_reason,
             "detail": detail,
+            "submitted_by": submitted_by,
             "ended_at": time.time(),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -270,6 +270,8 @@ class AggregatorService:
             # Only accounts allowed to write the jobs exchange may submit or cancel jobs.
             logger.warning("rejecting a %s from %s", type(message).__name__, delivery.queue)
             self.transport.reject(delivery, "unexpected_type", f"not on {delivery.queue}")
+        elif isinstance(message, (Job, Cancel)) and self._refuses_submitter(message, delivery):
+            return
         elif isinstance(message, Job):
             logger.info("job %s queued (%s)", message.job_id, message.spec.strategy.name)
             self._queued_jobs.append((message, delivery))
@@ -283,6 +285,22 @@ class AggregatorService:
             self._on_failure(message, delivery)
         else:
             self.transport.reject(delivery, "unexpected_type")
+
+    def _refuses_submitter(self, message: Job | Cancel, delivery: Delivery) -> bool:
+        """Dead-letter (and say so) a job or cancel that is not attributable to a submitter:
+        without a broker-validated user_id when require_user_id or job_submitters asks for one
+        (`unattributed`), or from a user not in job_submitters (`not_a_submitter`)."""
+        user, submitters = delivery.user_id, self.settings.job_submitters
+        what = f"{type(message).__name__.lower()} of job {message.job_id}"
+        if user is None and (self.settings.require_user_id or submitters):
+            reason, detail = "unattributed", f"a {what} without a broker-validated user_id"
+        elif submitters and user not in submitters:
+            reason, detail = "not_a_submitter", f"user {user!r} is not in job_submitters"
+        else:
+            return False
+        logger.warning("rejecting a %s (%s): %s", what, reason, detail)
+        self.transport.reject(delivery, reason, detail)
+        return True
 
     def _claims_another_user(self, worker_id: str, delivery: Delivery, what: str) -> bool:
         """With require_user_id, dead-letter (and say so) a message in a worker's name that was
@@ -422,7 +440,7 @@ class AggregatorService:
 
     def _end_unstarted(self, job: Job, delivery: Delivery, reason: str, detail: str) -> None:
         """End a job that never ran: record its outcome, then settle its message."""
-        self._outcomes.record(job.job_id, reason, detail)
+        self._outcomes.record(job.job_id, reason, detail, submitted_by=delivery.user_id)
         self.jobs_done += 1
         if reason == CANCELLED:
             self.transport.ack(delivery)
@@ -465,18 +483,25 @@ class AggregatorService:
             # Finished before a crash took the ack away: finishing again would change nothing.
             logger.info("job %s already finished; acknowledging it", job.job_id)
             reason = json.loads(summary_path.read_text(encoding="utf-8"))["stop_reason"]
-            self._outcomes.record(job.job_id, reason)
+            self._outcomes.record(job.job_id, reason, submitted_by=delivery.user_id)
             self.jobs_done += 1
             self.transport.ack(delivery)
             return
         # What the job leaves out of its model's shape comes from its evaluation data.
-        job = replace(job, spec=complete_job(job.spec))
+        # A module:function model or data set is imported only from allowed_modules: a job is a
+        # message, and must not choose what code the aggregator runs.
+        allowed = self.settings.allowed_modules
+        job = replace(job, spec=complete_job(job.spec, allowed_modules=allowed))
         spec = job.spec
-        built = build_model(spec.model, seed=spec.seed)
+        built = build_model(spec.model, seed=spec.seed, allowed_modules=allowed)
         initial = state_to_numpy(built)
         evaluator = BackgroundEvaluator(
             Evaluator(
-                spec.model, spec.dataset, self.settings.eval_batch_size, self.settings.eval_device
+                spec.model,
+                spec.dataset,
+                self.settings.eval_batch_size,
+                self.settings.eval_device,
+                allowed,
             )
         )
         # The job's clock starts once its set-up is done, as a centralised run's would.
@@ -738,7 +763,10 @@ class AggregatorService:
         self._checkpoint(running)
         # Recorded before the ack: a crash between the two finds the summary at the redelivery.
         self._outcomes.record(
-            running.job.job_id, reason, running.stop_detail or running.diverged or ""
+            running.job.job_id,
+            reason,
+            running.stop_detail or running.diverged or "",
+            submitted_by=running.delivery.user_id,
         )
         self.transport.ack(running.delivery)
         self._job = None
@@ -824,6 +852,8 @@ class AggregatorService:
         target = spec.stop.target_accuracy
         return {
             "job_id": running.job.job_id,
+            # The broker-validated user that published the job (None: its message had none).
+            "submitted_by": running.delivery.user_id,
             "strategy": spec.strategy.name,
             "model": spec.model.name,
             "stop_reason": reason,

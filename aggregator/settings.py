@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from shared.chunks import DEFAULT_CHUNK_SIZE
 from shared.errors import ConfigError
+from shared.references import check_allowed_modules
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,20 @@ class AggregatorSettings:
     # was published with, or that has none: workers must connect as a user named like their id
     # and publish with stamp_user_id.
     require_user_id: bool = False
+    # The broker users that may submit and cancel jobs (a job or cancel from another user, or
+    # without a broker-validated user_id, is refused); empty: any user allowed to write the jobs
+    # exchange. With require_user_id, a job or cancel must carry a user_id either way.
+    job_submitters: tuple[str, ...] = ()
+    # Modules a job's `package.module:function` model or data set may be imported from: each
+    # entry allows that module and its submodules (shared.references). Built-in models and data
+    # sets need none; empty: no job may import anything.
+    allowed_modules: tuple[str, ...] = ()
     # A running job with no new version for this many seconds is reported stalled (/status,
     # fedq_aggregator_job_stalled, one warning); 0: max(300, 3 x the job's round_deadline_s).
     stall_after_s: float = 0.0
 
     def __post_init__(self) -> None:
+        check_allowed_modules(self.allowed_modules)
         if self.max_chunk_sets < 1 or self.max_chunk_pending_bytes < self.max_message_bytes:
             raise ConfigError(
                 "max_chunk_sets must be >= 1 and max_chunk_pending_bytes >= max_message_bytes"

@@ -21,7 +21,8 @@ Names accepted by load_dataset:
 - "torchvision:Name:/root": torchvision.datasets.Name(root, train=split == "train",
   download=False), as [0, 1] tensors, normalised where the statistics are known (MNIST,
   FashionMNIST, CIFAR10).
-- "package.module:function": function(split) returns a torch Dataset.
+- "package.module:function": function(split) returns a torch Dataset; imported only from
+  allowed_modules (shared.references).
 
 Nothing is ever downloaded.
 """
@@ -35,7 +36,7 @@ import math
 import os
 import struct
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from shared.errors import ConfigError, DatasetError, RegistryError
-from shared.models import import_callable
+from shared.references import import_callable
 
 SPLITS = ("train", "test")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -63,8 +64,9 @@ def list_datasets() -> list[str]:
     return sorted(BUILTIN_SPLITS)
 
 
-def load_dataset(name: str, split: str) -> Dataset[Any]:
-    """Return the split ("train" or "test") of the data set a name designates (see module doc)."""
+def load_dataset(name: str, split: str, *, allowed_modules: Collection[str] = ()) -> Dataset[Any]:
+    """Return the split ("train" or "test") of the data set a name designates (see module doc);
+    a "package.module:function" only from allowed_modules (ReferenceNotAllowedError)."""
     if split not in SPLITS:
         raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
     if name in BUILTIN_SPLITS:
@@ -81,7 +83,7 @@ def load_dataset(name: str, split: str) -> Dataset[Any]:
     if kind == "torchvision" and rest:
         return _load_torchvision(rest, split)
     if rest:
-        dataset = import_callable(name)(split)
+        dataset = import_callable(name, allowed_modules)(split)
         if not isinstance(dataset, Dataset):
             raise RegistryError(f"data factory {name!r} returned {type(dataset).__name__}")
         return dataset

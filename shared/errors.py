@@ -84,6 +84,11 @@ class RegistryError(FedqError):
     """A model or data set name could not be resolved."""
 
 
+class ReferenceNotAllowedError(RegistryError):
+    """A `package.module:function` reference names code outside the service's allowed_modules;
+    nothing of it was imported or called."""
+
+
 class DatasetError(FedqError):
     """Local data could not be loaded or partitioned."""
 

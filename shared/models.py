@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import torch
@@ -12,6 +10,7 @@ from torch import nn
 
 from shared.errors import RegistryError, TensorError
 from shared.jobs import ModelSpec
+from shared.references import import_callable
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -101,12 +100,15 @@ def list_models() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
-def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
+def build_model(
+    spec: ModelSpec, seed: int | None = None, *, allowed_modules: Collection[str] = ()
+) -> nn.Module:
     """Build the model a spec names; with a seed, its initial weights are the same on every machine.
 
     Names: a built-in (list_models()), "torchvision:<name>" (never with pretrained weights), or
-    "package.module:function" where function(spec) returns an nn.Module. Raises RegistryError when
-    the name cannot be resolved or the model cannot take the spec's input shape.
+    "package.module:function" where function(spec) returns an nn.Module, imported only from
+    allowed_modules (shared.references). Raises RegistryError when the name cannot be resolved or
+    the model cannot take the spec's input shape, ReferenceNotAllowedError when not allowed.
     """
     if not spec.complete:
         raise RegistryError(
@@ -115,23 +117,23 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
             "shared.shapes.complete_job fills them in)"
         )
     if seed is None:
-        return _build_unseeded(spec)
+        return _build_unseeded(spec, allowed_modules)
     # devices=[] forks only the CPU generator: models are built on the CPU, and forking CUDA
     # generators would initialise CUDA for nothing.
     with torch.random.fork_rng(devices=[]):
         # torch.manual_seed would also reseed every CUDA generator, outside the fork.
         torch.default_generator.manual_seed(seed)
-        return _build_unseeded(spec)
+        return _build_unseeded(spec, allowed_modules)
 
 
-def _build_unseeded(spec: ModelSpec) -> nn.Module:
+def _build_unseeded(spec: ModelSpec, allowed_modules: Collection[str]) -> nn.Module:
     name = spec.name
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name](spec)
     if name.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(name.removeprefix(TORCHVISION_PREFIX), spec)
     if ":" in name:
-        model = import_callable(name)(spec)
+        model = import_callable(name, allowed_modules)(spec)
         if not isinstance(model, nn.Module):
             raise RegistryError(
                 f"model factory {name!r} returned {type(model).__name__}, not a Module"
@@ -186,26 +188,6 @@ def _image_shape(spec: ModelSpec) -> tuple[int, int, int]:
             f"model {spec.name!r}: input_shape must be (channels, height, width), got {shape}"
         )
     return shape[0], shape[1], shape[2]
-
-
-def import_callable(reference: str) -> Callable[..., Any]:
-    """Import "package.module:function" and return the function; raises RegistryError."""
-    module_name, _, attribute = reference.partition(":")
-    if not module_name or not attribute:
-        raise RegistryError(f"{reference!r} is not of the form 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RegistryError(f"cannot import module {module_name!r} for {reference!r}: {e}") from e
-    target: Any = module
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError as e:
-            raise RegistryError(f"module {module_name!r} has no attribute {attribute!r}") from e
-    if not callable(target):
-        raise RegistryError(f"{reference!r} is not callable")
-    return target  # type: ignore[no-any-return]
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:

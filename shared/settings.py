@@ -36,8 +36,10 @@ def _check_value(name: str, value: Any, annotation: Any) -> Any:
         (inner,) = [opt for opt in options if opt is not type(None)]
         return _check_value(name, value, inner)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(type(v) is int for v in value):
-            raise FieldError(f"{name} must be a list of integers")
+        item = typing.get_args(annotation)[0]
+        if not isinstance(value, (list, tuple)) or not all(type(v) is item for v in value):
+            kind = "integers" if item is int else "strings"
+            raise FieldError(f"{name} must be a list of {kind}")
         return tuple(value)
     if annotation is float:
         if type(value) not in (int, float):
@@ -87,6 +89,9 @@ def to_dict(spec: Any) -> dict[str, Any]:
 
 def _from_env(name: str, raw: str, annotation: Any) -> Any:
     """Parse one environment variable by the field's annotation."""
+    if typing.get_origin(annotation) is tuple and typing.get_args(annotation)[0] is str:
+        # A list of names: comma-separated ("a.b,c").
+        return [item.strip() for item in raw.split(",") if item.strip()]
     options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     kind = options[0]
     try:

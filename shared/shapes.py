@@ -8,6 +8,7 @@ rule, here, so that a job means the same model wherever it is built.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
@@ -32,17 +33,29 @@ def complete_model(model: ModelSpec, dataset: Dataset[Any]) -> ModelSpec:
     )
 
 
-def complete_job(spec: JobSpec, dataset: Dataset[Any] | None = None) -> JobSpec:
+def complete_job(
+    spec: JobSpec, dataset: Dataset[Any] | None = None, *, allowed_modules: Collection[str] = ()
+) -> JobSpec:
     """The job with a complete model spec; loads its evaluation data only when needed."""
     if spec.model.complete:
         return spec
-    data = dataset if dataset is not None else load_dataset(spec.dataset, "test")
+    data = (
+        dataset
+        if dataset is not None
+        else load_dataset(spec.dataset, "test", allowed_modules=allowed_modules)
+    )
     return replace(spec, model=complete_model(spec.model, data))
 
 
-def check_model_takes_data(model: ModelSpec, dataset: Dataset[Any], seed: int = 0) -> None:
+def check_model_takes_data(
+    model: ModelSpec,
+    dataset: Dataset[Any],
+    seed: int = 0,
+    *,
+    allowed_modules: Collection[str] = (),
+) -> None:
     """Build the model and run it on one example; RegistryError/DatasetError name a mismatch."""
-    network = build_model(model, seed=seed)
+    network = build_model(model, seed=seed, allowed_modules=allowed_modules)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DatasetError("the evaluation data set is empty")
     x = dataset[0][0]
@@ -69,18 +82,18 @@ def check_model_takes_data(model: ModelSpec, dataset: Dataset[Any], seed: int = 
         )
 
 
-def check_job(spec: JobSpec) -> JobSpec:
+def check_job(spec: JobSpec, *, allowed_modules: Collection[str] = ()) -> JobSpec:
     """Load the job's evaluation data and build its model on it; the completed job.
 
     Raises ConfigError naming what failed: the data set reference, or the model.
     """
     try:
-        dataset = load_dataset(spec.dataset, "test")
+        dataset = load_dataset(spec.dataset, "test", allowed_modules=allowed_modules)
     except (RegistryError, DatasetError) as e:
         raise ConfigError(f"data set {spec.dataset!r}: {e}") from e
     try:
         completed = complete_job(spec, dataset)
-        check_model_takes_data(completed.model, dataset, spec.seed)
+        check_model_takes_data(completed.model, dataset, spec.seed, allowed_modules=allowed_modules)
     except (RegistryError, DatasetError) as e:
         raise ConfigError(f"model {spec.model.name!r}: {e}") from e
     return completed

@@ -71,6 +71,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="0: no /metrics")
     parser.add_argument("--metrics-host", dest="metrics_host", help="default 0.0.0.0")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
+    parser.add_argument(
+        "--allow-module",
+        dest="allowed_modules",
+        action="append",
+        metavar="MODULE",
+        help="a module (and its submodules) tasks' module:function models may be imported "
+        "from; repeatable; replaces the setting allowed_modules",
+    )
     add_logging_arguments(parser, "INFO")
 
 

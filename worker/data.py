@@ -21,6 +21,7 @@ from shared.datasets import (
     tensors_of,
 )
 from shared.errors import ConfigError, DatasetError
+from shared.references import requested_modules
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -168,10 +169,12 @@ def load_local_data(settings: WorkerSettings, device: torch.device) -> TrainingD
         raise ConfigError("give the worker exactly one of --data PATH or --dataset NAME")
     if settings.loader_workers < 0 or not settings.in_memory_max_mb >= 0:
         raise ConfigError("--loader-workers and --in-memory-max-mb must be 0 or more")
-    if settings.data:
-        dataset = load_dataset(data_spec(settings.data), "train")
-    else:
-        dataset = load_dataset(settings.dataset, "train")
+    # The worker's own data reference is its operator's choice, not a message's: its module is
+    # allowed on top of allowed_modules (which a task's model is held to).
+    spec = data_spec(settings.data) if settings.data else settings.dataset
+    allowed = settings.allowed_modules + requested_modules(spec)
+    dataset = load_dataset(spec, "train", allowed_modules=allowed)
+    if not settings.data:
         if not 0 <= settings.partition_index < settings.num_partitions:
             raise ConfigError("--partition-index must be in 0 .. --num-partitions - 1")
         parts = partition(

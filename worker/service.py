@@ -15,7 +15,7 @@ from torch import nn
 
 from broker.topology import SENDER_HEADER, UPDATE_ROUTING_KEY
 from broker.transport import Delivery, Transport
-from shared.errors import DataMismatchError, ProtocolError
+from shared.errors import DataMismatchError, ProtocolError, ReferenceNotAllowedError
 from shared.jobs import ModelSpec
 from shared.messages import (
     MAX_FAILURE_DETAIL,
@@ -211,6 +211,8 @@ class WorkerService:
         each distinct failure once at ERROR: the same task fails the same way every time."""
         if isinstance(error, DataMismatchError):
             reason, detail = "data_mismatch", str(error)
+        elif isinstance(error, ReferenceNotAllowedError):
+            reason, detail = "model_not_allowed", str(error)
         else:
             reason, detail = "training_error", f"{type(error).__name__}: {error}"
         detail = detail[:MAX_FAILURE_DETAIL]
@@ -281,7 +283,10 @@ class WorkerService:
     def _model_for(self, spec: ModelSpec) -> nn.Module:
         model = self._models.get(spec)
         if model is None:
-            model = self._models[spec] = build_model(spec).to(self.device)
+            # A task is a message: its module:function model is imported only from the
+            # operator's allowed_modules (ReferenceNotAllowedError, nothing imported).
+            built = build_model(spec, allowed_modules=self.settings.allowed_modules)
+            model = self._models[spec] = built.to(self.device)
         return model
 
     def _run_task(self, task: Task, cycle: _Cycle | None = None) -> _Finished:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.chunks import DEFAULT_CHUNK_SIZE
+from shared.references import check_allowed_modules
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,10 @@ class WorkerSettings:
     # False in a least-privilege deployment: the task queue is made by `fedq broker add-worker`
     # and the worker only checks that it exists (its user may not declare anything).
     declare_topology: bool = True
+    # Modules a task's `package.module:function` model may be imported from: each entry allows
+    # that module and its submodules (shared.references); built-in models need none. The
+    # worker's own `data`/`dataset` reference is this operator's choice and always allowed.
+    allowed_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_allowed_modules(self.allowed_modules)

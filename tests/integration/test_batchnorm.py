@@ -28,6 +28,7 @@ pytestmark = pytest.mark.timeout(240)
 
 SITES = 3
 TARGET = 0.95
+MODULE = REFERENCE.partition(":")[0]
 
 
 def _federate(strategy: str, out: Path) -> dict[str, Any]:
@@ -47,7 +48,14 @@ def _federate(strategy: str, out: Path) -> dict[str, Any]:
     aggregator_registry = CollectorRegistry()
     aggregator = AggregatorService(
         transport,
-        AggregatorSettings(broker="memory", output_dir=str(out), max_jobs=1, state_dir=str(out)),
+        # The model is a user's own: both services must allow its module.
+        AggregatorSettings(
+            broker="memory",
+            output_dir=str(out),
+            max_jobs=1,
+            state_dir=str(out),
+            allowed_modules=(MODULE,),
+        ),
         AggregatorMetrics(aggregator_registry),
     )
     transport.declare()
@@ -65,6 +73,7 @@ def _federate(strategy: str, out: Path) -> dict[str, Any]:
                 seed=i,
                 device="cpu",
                 hello_interval_s=1.0,
+                allowed_modules=(MODULE,),
             ),
             memory=memory,
             registry=registries[i],

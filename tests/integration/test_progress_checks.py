@@ -110,11 +110,12 @@ def test_a_nan_evaluation_is_counted_and_left_out_of_the_history_and_the_next_ta
 ) -> None:
     spec = _bn_spec()
     memory, sender = broker_with_job(spec)
-    service, registry = _aggregator(memory, tmp_path)
+    # A model of the user's own: its module must be on the aggregator's allow-list.
+    service, registry = _aggregator(memory, tmp_path, allowed_modules=("batchnorm_model",))
     service.run_until_idle()
     # A worker whose BatchNorm variances are negative: finite, so accepted, but the evaluation
     # of the mean (a negative variance) is NaN.
-    tensors = state_to_numpy(build_model(spec.model, seed=1))
+    tensors = state_to_numpy(build_model(spec.model, seed=1, allowed_modules=["batchnorm_model"]))
     for name in tensors:
         if name.endswith("running_var"):
             tensors[name] = np.full_like(tensors[name], -1.0)

@@ -46,7 +46,8 @@ def test_connect_stamps_the_user_only_when_asked() -> None:
 
 
 def _aggregator(memory: MemoryBroker, tmp_path: Path, require: bool) -> AggregatorService:
-    transport = MemoryTransport(memory, TOPOLOGY)
+    # The job comes from an operator's account: with require_user_id it must carry a user_id.
+    transport = MemoryTransport(memory, TOPOLOGY, user="operator")
     settings = AggregatorSettings(broker="memory", state_dir=str(tmp_path), require_user_id=require)
     service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
     transport.declare()

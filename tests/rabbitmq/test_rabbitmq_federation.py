@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -36,7 +37,10 @@ def _local_data(n: int = 64) -> LocalData:
 def _services(
     scratch: Scratch, tmp_path: Path, spec: JobSpec, url: str | None = None, slowdown: float = 1.0
 ) -> tuple[AggregatorService, WorkerService]:
-    settings = AggregatorSettings(broker=scratch.url, state_dir=str(tmp_path), max_jobs=1)
+    # bigmodel (a module of these tests) is the one model module the services may import.
+    settings = AggregatorSettings(
+        broker=scratch.url, state_dir=str(tmp_path), max_jobs=1, allowed_modules=("bigmodel",)
+    )
     aggregator = AggregatorService(
         scratch.transport(), settings, AggregatorMetrics(CollectorRegistry())
     )
@@ -44,7 +48,12 @@ def _services(
     worker_id = scratch.worker("w0")
     worker = WorkerService(
         scratch.transport(url),
-        WorkerSettings(worker_id=worker_id, slowdown=slowdown, hello_interval_s=1.0),
+        WorkerSettings(
+            worker_id=worker_id,
+            slowdown=slowdown,
+            hello_interval_s=1.0,
+            allowed_modules=("bigmodel",),
+        ),
         _local_data(),
         torch.device("cpu"),
         WorkerMetrics(CollectorRegistry()),
@@ -83,6 +92,30 @@ def test_fedq_run_trains_over_rabbitmq_with_every_service_in_its_own_process(
     assert summary["versions"] == 3 and summary["updates_accepted"] == 6
     assert summary["final_accuracy"] > history[0]["accuracy"] + 0.3
     assert sorted(summary["workers"]) == ["w0", "w1"]
+
+
+@pytest.mark.timeout(300)
+def test_fedq_run_over_rabbitmq_allows_its_processes_the_model_module_its_user_named(
+    amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The separate services import batchnorm_model (of tests/) only because `fedq run` passes
+    # them --allow-module: their own allowed_modules is empty.
+    tests = str(Path(__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("FEDQ_ALLOWED_MODULES", raising=False)
+    out = tmp_path / "run"
+
+    code = fedq(
+        [
+            "run", "--broker", amqp_url, "--workers", "2", "--model", "batchnorm_model:digits_bn",
+            "--dataset", "digits", "--strategy", "fedavg", "--max-versions", "1",
+            "--out", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"] == 1 and summary["updates_accepted"] == 2
 
 
 @pytest.mark.timeout(240)

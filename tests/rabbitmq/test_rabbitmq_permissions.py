@@ -5,7 +5,9 @@ user_id the aggregator checks. Each test has a throw-away vhost and users, delet
 from __future__ import annotations
 
 import json
+import os
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from hostile_input import JOB_ID, _update, job
 from prometheus_client import CollectorRegistry
-from rabbitmq_scratch import PASSWORD, Vhost
+from rabbitmq_scratch import PASSWORD, Vhost, ctl
 
 from aggregator.cli import main as fedq_main
 from aggregator.metrics import AggregatorMetrics
@@ -32,7 +34,7 @@ from broker.topology import (
     read_dead_letter,
 )
 from shared.errors import PublishError, TransportError
-from shared.messages import Cancel, encode_message
+from shared.messages import Cancel, Job, encode_message
 from worker.data import LocalData
 from worker.metrics import WorkerMetrics
 from worker.service import WorkerService
@@ -216,6 +218,32 @@ def _dead_letters(vhost: Vhost) -> list[tuple[dict[str, Any], bytes]]:
             headers = dict(properties.headers or {})
             headers.pop("x-delivery-count", None)  # the quorum dead queue's own, on delivery
             taken.append((headers, body))
+
+
+def _aggregator(vhost: Vhost, tmp_path: Path, **settings: object) -> AggregatorService:
+    """An aggregator on the vhost (as guest), subscribed to jobs and updates."""
+    transport = vhost.transport()
+    service = AggregatorService(
+        transport,
+        AggregatorSettings(state_dir=str(tmp_path), **settings),  # type: ignore[arg-type]
+        AggregatorMetrics(CollectorRegistry()),
+    )
+    transport.declare()
+    transport.subscribe(vhost.topology.jobs)
+    transport.subscribe(vhost.topology.updates)
+    return service
+
+
+def _dead_reasons(vhost: Vhost) -> list[str]:
+    """The reasons of every dead letter so far, taken off the dead queue."""
+    connection, channel = _admin_channel(vhost)
+    reasons = []
+    try:
+        while True:
+            method, properties, _ = channel.basic_get(vhost.topology.dead, auto_ack=True)  # type: ignore[attr-defined]
+            if method is None:
+                return reasons
+            reasons.append(properties.headers[REASON_HEADER])
     finally:
         connection.close()
 
@@ -306,3 +334,77 @@ def test_forged_dead_letter_headers_on_an_update_do_not_survive_the_aggregators_
         "note": "kept",
     }
     assert read_dead_letter(headers) == DeadLetter("unknown_job", t.updates, "service")
+
+
+def _add_submitter(vhost: Vhost, name: str) -> str:
+    """A broker user allowed what `fedq submit` and `fedq cancel` need on the vhost."""
+    vhost.users.append(name)
+    ctl("add_user", name, PASSWORD)
+    ctl("set_permissions", "-p", vhost.name, name, "^fedq\\.", "^fedq\\.", "^fedq\\.")
+    return name
+
+
+def test_a_worker_account_can_submit_no_job_whatever_the_job_names(
+    vhost: Vhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    real = os.mkdir
+
+    def mkdir(path: object, *args: object) -> None:
+        # The aggregator's own directories are Path objects; a job's call would be mkdir("test").
+        if isinstance(path, os.PathLike):
+            real(path, *args)  # type: ignore[arg-type]
+        else:
+            calls.append(path)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    name = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
+    service = _aggregator(vhost, tmp_path)
+    worker = _worker_transport(vhost, name)
+    hostile = Job("mkdir-1", replace(job().spec, dataset="os:mkdir"))
+
+    with pytest.raises(PublishError, match="ACCESS_REFUSED"):
+        worker.publish(vhost.topology.jobs, JOB_ROUTING_KEY, encode_message(hostile))
+    worker.publish(vhost.topology.updates, UPDATE_ROUTING_KEY, encode_message(hostile))
+    service.run_until_idle(idle_s=0.5)
+
+    assert service._job is None and not service._queued_jobs
+    assert _dead_reasons(vhost) == ["unexpected_type"]
+    assert calls == []
+
+
+def test_with_require_user_id_only_a_listed_submitters_jobs_run_and_the_summary_names_them(
+    vhost: Vhost, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    submitter = _add_submitter(vhost, f"ops-{uuid.uuid4().hex[:6]}")
+    other = _add_submitter(vhost, f"intern-{uuid.uuid4().hex[:6]}")
+    service = _aggregator(
+        vhost, tmp_path / "state", require_user_id=True, job_submitters=(submitter,)
+    )
+    job_file = tmp_path / "job.toml"
+    job_file.write_text('name = "t"\ndataset = "digits"\n[model]\nname = "mlp"\n')
+    connection, channel = _admin_channel(vhost)
+    try:  # guest publishing by hand, without a user_id
+        channel.basic_publish(  # type: ignore[attr-defined]
+            vhost.topology.jobs, JOB_ROUTING_KEY, encode_message(Job("anonymous-1", job().spec))
+        )
+    finally:
+        connection.close()
+
+    def submit(user: str, job_id: str) -> int:
+        url = vhost.url(user, PASSWORD)
+        return fedq_main(["submit", str(job_file), "--broker", url, "--job-id", job_id])
+
+    submitted = [submit(other, "intern-1"), submit(submitter, "ops-1")]
+    service.run_until_idle(idle_s=0.5)
+    running = service._job is not None and service._job.job.job_id
+    cancelled = fedq_main(["cancel", "ops-1", "--broker", vhost.url(submitter, PASSWORD)])
+    service.run_until_idle(idle_s=0.5)
+    capsys.readouterr()
+
+    assert submitted == [0, 0] and running == "ops-1" and cancelled == 0
+    assert _dead_reasons(vhost) == ["unattributed", "not_a_submitter"]
+    summary = json.loads((tmp_path / "state" / "jobs" / "ops-1" / "summary.json").read_text())
+    assert summary["stop_reason"] == "cancelled" and summary["submitted_by"] == submitter
+    outcomes = (tmp_path / "state" / "job-outcomes.jsonl").read_text().splitlines()
+    assert [json.loads(line)["submitted_by"] for line in outcomes] == [submitter]

@@ -236,8 +236,8 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
 
 
 def test_a_user_dataset_function_receives_the_split(user_module: str) -> None:
-    train = load_dataset(f"{user_module}:tiny", "train")
-    test = load_dataset(f"{user_module}:tiny", "test")
+    train = load_dataset(f"{user_module}:tiny", "train", allowed_modules=[user_module])
+    test = load_dataset(f"{user_module}:tiny", "test", allowed_modules=[user_module])
 
     assert (len(train), len(test)) == (3, 1)  # type: ignore[arg-type]
     assert dataset_shape(train) == ((1, 2, 2), 3)
@@ -245,7 +245,7 @@ def test_a_user_dataset_function_receives_the_split(user_module: str) -> None:
 
 def test_a_user_function_returning_no_dataset_raises_registry_error(user_module: str) -> None:
     with pytest.raises(RegistryError, match="list"):
-        load_dataset(f"{user_module}:not_a_dataset", "train")
+        load_dataset(f"{user_module}:not_a_dataset", "train", allowed_modules=[user_module])
 
 
 def test_tensors_of_a_tensor_dataset_shares_its_memory() -> None:

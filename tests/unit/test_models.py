@@ -155,7 +155,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
 
 
 def test_a_user_model_is_built_from_module_and_function(user_module: str) -> None:
-    model = build_model(ModelSpec(f"{user_module}:tiny", DIGITS, 3))
+    model = build_model(ModelSpec(f"{user_module}:tiny", DIGITS, 3), allowed_modules=[user_module])
 
     assert count_parameters(model) == 64 * 3 + 3
     assert model(torch.zeros(4, *DIGITS)).shape == (4, 3)
@@ -163,7 +163,9 @@ def test_a_user_model_is_built_from_module_and_function(user_module: str) -> Non
 
 def test_a_user_factory_returning_no_module_raises_registry_error(user_module: str) -> None:
     with pytest.raises(RegistryError, match="str"):
-        build_model(ModelSpec(f"{user_module}:not_a_model", DIGITS, 3))
+        build_model(
+            ModelSpec(f"{user_module}:not_a_model", DIGITS, 3), allowed_modules=[user_module]
+        )
 
 
 def test_state_survives_a_round_trip_through_numpy() -> None:
