@@ -11,32 +11,22 @@ from pathlib import Path
 import pytest
 from hostile_input import _update, job
 from prometheus_client import CollectorRegistry
-from test_rabbitmq_permissions import Vhost, _admin_channel, _worker_transport, vhost
+from rabbitmq_scratch import Vhost
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
-from broker.topology import JOB_ROUTING_KEY, REASON_HEADER, UPDATE_ROUTING_KEY
+from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, read_dead_letter
 from shared.chunks import split_payload
 from shared.messages import encode_message
 
 pytestmark = pytest.mark.timeout(180)
-__all__ = ["vhost"]  # the fixture, imported for the tests below
 MAX_MESSAGE_BYTES = 1024 * 1024
 FLOOD = 40
 
 
 def _dead_reasons(vhost: Vhost) -> Counter[str]:
-    connection, channel = _admin_channel(vhost)
-    reasons: Counter[str] = Counter()
-    try:
-        while True:
-            method, properties, _ = channel.basic_get(vhost.topology.dead, auto_ack=True)  # type: ignore[attr-defined]
-            if method is None:
-                return reasons
-            reasons[properties.headers[REASON_HEADER]] += 1
-    finally:
-        connection.close()
+    return Counter(read_dead_letter(props.headers).reason for props, _ in vhost.dead_letters())
 
 
 def test_a_flood_of_never_completed_chunk_sets_does_not_keep_an_honest_update_out(
@@ -60,11 +50,11 @@ def test_a_flood_of_never_completed_chunk_sets_does_not_keep_an_honest_update_ou
     transport.publish(t.jobs, JOB_ROUTING_KEY, encode_message(job()))
     service.run_until_idle()
     # Mallory's first envelopes of sets announcing the largest message, never followed.
-    attacker = _worker_transport(vhost, mallory)
+    attacker = vhost.site(mallory)
     for _ in range(FLOOD):
         first = split_payload(bytes(MAX_MESSAGE_BYTES), 16 * 1024)[0]
         attacker.publish(t.updates, UPDATE_ROUTING_KEY, first)
-    honest = _worker_transport(vhost, alice)
+    honest = vhost.site(alice)
     honest.chunk_size = 32 * 1024
     body = encode_message(_update("honest-1", 0, seed=2, worker_id=alice))
     assert len(split_payload(body, honest.chunk_size)) > 1

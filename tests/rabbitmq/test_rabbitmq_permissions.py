@@ -218,6 +218,8 @@ def _dead_letters(vhost: Vhost) -> list[tuple[dict[str, Any], bytes]]:
             headers = dict(properties.headers or {})
             headers.pop("x-delivery-count", None)  # the quorum dead queue's own, on delivery
             taken.append((headers, body))
+    finally:
+        connection.close()
 
 
 def _aggregator(vhost: Vhost, tmp_path: Path, **settings: object) -> AggregatorService:
@@ -236,16 +238,7 @@ def _aggregator(vhost: Vhost, tmp_path: Path, **settings: object) -> AggregatorS
 
 def _dead_reasons(vhost: Vhost) -> list[str]:
     """The reasons of every dead letter so far, taken off the dead queue."""
-    connection, channel = _admin_channel(vhost)
-    reasons = []
-    try:
-        while True:
-            method, properties, _ = channel.basic_get(vhost.topology.dead, auto_ack=True)  # type: ignore[attr-defined]
-            if method is None:
-                return reasons
-            reasons.append(properties.headers[REASON_HEADER])
-    finally:
-        connection.close()
+    return [headers[REASON_HEADER] for headers, _ in _dead_letters(vhost)]
 
 
 def test_a_worker_account_cannot_publish_to_the_dead_exchange(vhost: Vhost) -> None:
