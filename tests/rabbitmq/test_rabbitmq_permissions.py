@@ -15,6 +15,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pika
 import pytest
 from hostile_input import JOB_ID, _update, job
+from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
 
 from aggregator.cli import main as fedq_main
@@ -166,7 +167,7 @@ def test_the_aggregator_rejects_an_update_claiming_another_workers_id(
     victim = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
     t = vhost.topology
     transport = vhost.transport(stamp_user_id=True)
-    settings = AggregatorSettings(state_dir=str(tmp_path), require_user_id=True)
+    settings = AggregatorSettings(state_dir=str(use_known_key(tmp_path)), require_user_id=True)
     service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
     transport.declare()
     transport.subscribe(t.jobs)
