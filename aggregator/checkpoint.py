@@ -4,12 +4,13 @@ File layout: 8 bytes magic, 32 bytes sha256 of the body, the msgpack body. A che
 written to a temporary file, fsynced and renamed (then the directory is fsynced), so a reader
 sees a whole checkpoint or none; one that fails its checksum is never used: the previous is.
 
-Every update id a job has seen would make each checkpoint grow with the job, so the store keeps
-them apart, in `seen-ids.log` beside the checkpoints: records of [4-byte big-endian length,
-32-byte sha256, msgpack list of ids], each holding the ids seen since the record before it,
-appended and fsynced before the checkpoint that counts them is written. A checkpoint records
-how many ids and log bytes it covers; loading it reads the log up to there and cuts off what a
-checkpoint that never completed had appended.
+Every update id a job has seen, and every task an accepted update answered, would make each
+checkpoint grow with the job, so the store keeps them apart, in logs beside the checkpoints
+(`seen-ids.log`, `used-tasks.log`): records of [4-byte big-endian length, 32-byte sha256, msgpack
+list of ids], each holding the ids added since the record before it, appended and fsynced before
+the checkpoint that counts them is written. A checkpoint records how many ids and log bytes of
+each log it covers; loading it reads the logs up to there and cuts off what a checkpoint that
+never completed had appended.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ KEEP = 2
 _NAME = re.compile(r"^checkpoint-(\d{8})-(\d{8})\.ckpt$")
 _TENSOR_KEYS = ("model", "buffer")
 SEEN_LOG = "seen-ids.log"
+USED_LOG = "used-tasks.log"
+# The snapshot's growing id lists, each with its log and the key that counts it in a checkpoint.
+_LOGGED = (("seen_update_ids", SEEN_LOG, "seen_log"), ("used_tasks", USED_LOG, "used_log"))
 _RECORD_HEAD = struct.Struct(">I32s")
 
 
@@ -71,16 +75,13 @@ def decode_checkpoint(data: bytes) -> tuple[str, dict[str, Any], dict[str, Any]]
 
 class CheckpointStore:
     """The checkpoints of one job in one directory, newest last; keeps the last two, and the
-    log of the update ids they count (see the module docstring)."""
+    logs of the ids they count (see the module docstring)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._sequence = max((seq for _, seq, _ in self._files()), default=0)
-        self._log_path = directory / SEEN_LOG
-        # What the log holds for the checkpoints written by (or loaded into) this store.
-        self._logged_ids = 0
-        self._logged_bytes = 0
+        self._logs = {key: _IdLog(directory, name) for key, name, _ in _LOGGED}
 
     def _files(self) -> list[tuple[int, int, Path]]:
         found = []
@@ -91,17 +92,11 @@ class CheckpointStore:
         return sorted(found, key=lambda item: (item[1], item[0]))
 
     def save(self, job_id: str, state: dict[str, Any], service: dict[str, Any]) -> Path:
-        """Log the update ids seen since the last checkpoint, then write the checkpoint
-        durably, then drop all but the newest KEEP."""
-        seen: list[str] = state["seen_update_ids"]
-        if self._logged_ids == 0 and self._logged_bytes == 0:
-            # A fresh job, or one whose checkpoints predate the log: start it afresh.
-            self._truncate_log(0)
-        if len(seen) > self._logged_ids:
-            self._append_log(seen[self._logged_ids :])
-            self._logged_ids = len(seen)
-        counted = {"ids": self._logged_ids, "bytes": self._logged_bytes}
-        body = {k: v for k, v in state.items() if k != "seen_update_ids"} | {"seen_log": counted}
+        """Log the ids added since the last checkpoint, then write the checkpoint durably,
+        then drop all but the newest KEEP."""
+        body = dict(state)
+        for key, _, counted in _LOGGED:
+            body[counted] = self._logs[key].log(body.pop(key, []))
         self._sequence += 1
         path = self.directory / f"checkpoint-{state['version']:08d}-{self._sequence:08d}.ckpt"
         write_atomic(path, encode_checkpoint(job_id, body, service))
@@ -115,66 +110,99 @@ class CheckpointStore:
         for _, _, path in reversed(self._files()):
             try:
                 _, state, service = decode_checkpoint(path.read_bytes())
-                if "seen_log" in state:
-                    counted = state.pop("seen_log")
-                    ids, size = int(counted["ids"]), int(counted["bytes"])
-                    state["seen_update_ids"] = self._read_log(size, ids)
-                else:  # written before the log existed: the ids are in the checkpoint
-                    ids, size = len(state["seen_update_ids"]), 0
+                counts = {}
+                for key, _, counted in _LOGGED:
+                    if counted in state:
+                        found = state.pop(counted)
+                        ids, size = int(found["ids"]), int(found["bytes"])
+                        state[key] = self._logs[key].read(size, ids)
+                    else:  # written before the log existed: the ids (if any) are in it
+                        ids, size = len(state.setdefault(key, [])), 0
+                    counts[key] = (ids, size)
             except (OSError, CheckpointError, KeyError, TypeError, ValueError) as e:
                 logger.error("skipping checkpoint %s: %s", path, e)
                 continue
-            # Ids logged by a checkpoint that never completed, or by a corrupt newer one.
-            self._truncate_log(size)
-            self._logged_ids, self._logged_bytes = (ids, size) if size else (0, 0)
+            for key, (ids, size) in counts.items():
+                self._logs[key].resume(ids, size)
             logger.info("resuming from %s (version %d)", path.name, state["version"])
             return state, service
         return None
 
-    def _append_log(self, ids: list[str]) -> None:
+
+class _IdLog:
+    """One append-only log of ids (see the module docstring) and how much of it this store's
+    checkpoints count."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.path = directory / name
+        self.logged_ids = 0
+        self.logged_bytes = 0
+
+    def log(self, ids: list[str]) -> dict[str, int]:
+        """Append the ids past those already logged; return what a checkpoint counts."""
+        if self.logged_ids == 0 and self.logged_bytes == 0:
+            # A fresh job, or one whose checkpoints predate the log: start it afresh.
+            self.truncate(0)
+        if len(ids) > self.logged_ids:
+            self._append(ids[self.logged_ids :])
+            self.logged_ids = len(ids)
+        return {"ids": self.logged_ids, "bytes": self.logged_bytes}
+
+    def resume(self, ids: int, size: int) -> None:
+        """Go on from a loaded checkpoint: cut off what a checkpoint that never completed (or
+        a corrupt newer one) had appended."""
+        self.truncate(size)
+        self.logged_ids, self.logged_bytes = (ids, size) if size else (0, 0)
+
+    def _append(self, ids: list[str]) -> None:
         payload: bytes = msgpack.packb(ids, use_bin_type=True)
         record = _RECORD_HEAD.pack(len(payload), hashlib.sha256(payload).digest()) + payload
-        new = not self._log_path.exists()
-        with open(self._log_path, "ab") as fh:
+        new = not self.path.exists()
+        with open(self.path, "ab") as fh:
             fh.write(record)
             fh.flush()
             os.fsync(fh.fileno())
         if new:
             _fsync_directory(self.directory)
-        self._logged_bytes += len(record)
+        self.logged_bytes += len(record)
 
-    def _read_log(self, size: int, count: int) -> list[str]:
+    def read(self, size: int, count: int) -> list[str]:
         """The ids in the first `size` bytes of the log; CheckpointError unless exactly `count`
         intact ids are there."""
         try:
-            with open(self._log_path, "rb") as fh:
+            with open(self.path, "rb") as fh:
                 data = fh.read(size)
         except FileNotFoundError:
             data = b""
         if len(data) != size:
-            raise CheckpointError(f"{SEEN_LOG} holds {len(data)} of the {size} bytes counted")
+            raise CheckpointError(f"{self.name} holds {len(data)} of the {size} bytes counted")
         ids: list[str] = []
         offset = 0
         while offset < size:
             if size - offset < _RECORD_HEAD.size:
-                raise CheckpointError(f"{SEEN_LOG} is cut inside a record header")
+                raise CheckpointError(f"{self.name} is cut inside a record header")
             length, digest = _RECORD_HEAD.unpack_from(data, offset)
             payload = data[offset + _RECORD_HEAD.size : offset + _RECORD_HEAD.size + length]
             if len(payload) != length or hashlib.sha256(payload).digest() != digest:
-                raise CheckpointError(f"{SEEN_LOG}: a record at byte {offset} is damaged")
+                raise CheckpointError(f"{self.name}: a record at byte {offset} is damaged")
             chunk = msgpack.unpackb(payload, raw=False)
             if not isinstance(chunk, list) or not all(isinstance(i, str) for i in chunk):
-                raise CheckpointError(f"{SEEN_LOG}: a record at byte {offset} is not a list of ids")
+                raise CheckpointError(
+                    f"{self.name}: a record at byte {offset} is not a list of ids"
+                )
             ids += chunk
             offset += _RECORD_HEAD.size + length
         if len(ids) != count:
-            raise CheckpointError(f"{SEEN_LOG} holds {len(ids)} ids where {count} were counted")
+            raise CheckpointError(f"{self.name} holds {len(ids)} ids where {count} were counted")
         return ids
 
-    def _truncate_log(self, size: int) -> None:
-        if not self._log_path.exists():
+    def truncate(self, size: int) -> None:
+        """Cut the log to its first `size` bytes (nothing if it does not exist)."""
+        if not self.path.exists():
             return
-        with open(self._log_path, "r+b") as fh:
+        with open(self.path, "r+b") as fh:
             fh.truncate(size)
             fh.flush()
             os.fsync(fh.fileno())

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,6 +19,7 @@ from aggregator.outcomes import CANCELLED, JobOutcomes
 from aggregator.output import BEST_MODEL_FILE, MODEL_FILE, RunDirectory
 from aggregator.settings import AggregatorSettings
 from aggregator.state import Accepted, JobState
+from aggregator.tasks import load_task_key
 from broker.spool import ChunkSpool
 from broker.transport import Delivery, Transport
 from shared.chunks import Reassembler
@@ -125,6 +125,8 @@ class AggregatorService:
         self._queued_jobs: deque[tuple[Job, Delivery]] = deque()
         # Durable, so that a restarted aggregator rejects late updates as job_finished.
         self._outcomes = JobOutcomes(Path(settings.state_dir))
+        # Signs task ids; kept in the state directory so that a restart still knows its tasks.
+        self._task_key = load_task_key(Path(settings.state_dir))
         self._known_workers: dict[str, tuple[float, int]] = {}
         self.jobs_done = 0
 
@@ -506,7 +508,12 @@ class AggregatorService:
         )
         # The job's clock starts once its set-up is done, as a centralised run's would.
         state = JobState(
-            job, initial, self.clock(), self.settings.worker_timeout_s, buffer_names(built)
+            job,
+            initial,
+            self.clock(),
+            self.settings.worker_timeout_s,
+            buffer_names(built),
+            task_key=self._task_key,
         )
         for worker_id, (seen, samples) in self._known_workers.items():
             state.note_worker(worker_id, seen, samples)
@@ -566,7 +573,7 @@ class AggregatorService:
         for worker_id in workers:
             task = Task(
                 job_id=running.job.job_id,
-                task_id=uuid.uuid4().hex,
+                task_id=state.new_task_id(worker_id),
                 worker_id=worker_id,
                 round=state.round,
                 training=training,
@@ -596,6 +603,19 @@ class AggregatorService:
                 running.job.job_id,
             )
 
+    def _note_missed_deadlines(self, running: _Running) -> None:
+        """Count (and log once) each worker whose task passed a round's deadline unanswered:
+        later rounds do not wait for it until it sends an update."""
+        for worker_id in running.state.take_missed_deadline():
+            self.metrics.worker_failures.labels("missed_deadline").inc()
+            logger.warning(
+                "worker %s let its task pass the deadline of round %d; rounds of job %s do not "
+                "wait for it until it sends an update",
+                worker_id,
+                (running.state.round or 1) - 1,
+                running.job.job_id,
+            )
+
     def _checkpoint(self, running: _Running) -> None:
         """Make the state durable, then ack every update it includes."""
         figures = {
@@ -616,6 +636,7 @@ class AggregatorService:
         running.unacked.clear()
 
     def _on_new_version(self, running: _Running) -> None:
+        self._note_missed_deadlines(running)
         self._record_version(running)
         self._checkpoint(running)
         if self._stop_reason(running) is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import statistics
 from collections import deque
 from collections.abc import Collection
@@ -24,6 +25,7 @@ from aggregator.aggregation import (
     mix,
     staleness_factor,
 )
+from aggregator.tasks import KEY_BYTES, TaskIds
 from shared.errors import TensorError
 from shared.messages import Job, Update
 from shared.tensors import Tensors, check_finite, check_like
@@ -105,6 +107,7 @@ class JobState:
         started_at: float,
         worker_timeout_s: float,
         buffers: Collection[str] = (),
+        task_key: bytes | None = None,
     ):
         self.job = job
         self.strategy = job.spec.strategy
@@ -133,6 +136,16 @@ class JobState:
         self._rng = random.Random(job.spec.seed)
         self._mean_samples = 0.0
         self._accepted_norms: deque[float] = deque(maxlen=NORM_WINDOW)
+        # Task ids verify against the key (the service's, kept in its state directory; a fresh
+        # one otherwise), so tasks issued before a restart are still known after it.
+        self.tasks = TaskIds(task_key or secrets.token_bytes(KEY_BYTES), job.job_id)
+        # What accepted updates answered (see _task_slot), in the order used: one update each.
+        self.used_tasks: set[str] = set()
+        self._used_order: list[str] = []
+        # fedavg: workers that let a task pass its round's deadline without an update; rounds
+        # do not wait for them until they send one. The newly added, for the service to count.
+        self.missed_deadline: set[str] = set()
+        self._newly_missed: list[str] = []
 
     @property
     def update_kind(self) -> str:
@@ -160,6 +173,15 @@ class JobState:
         info.task_id, info.task_issued_at = task_id, now
         if self.round is not None:
             self._round_selected.add(worker_id)
+
+    def new_task_id(self, worker_id: str) -> str:
+        """A task id for a task to this worker with the current model (not yet sent)."""
+        return self.tasks.issue(worker_id, self.version)
+
+    def take_missed_deadline(self) -> list[str]:
+        """Workers that let their task pass a round's deadline since the last call."""
+        taken, self._newly_missed = self._newly_missed, []
+        return taken
 
     def note_failure(self, worker_id: str, task_id: str, reason: str, detail: str) -> bool:
         """A worker cannot train this job: it gets no more tasks for it, and a round no longer
@@ -219,6 +241,8 @@ class JobState:
                 self._remember(update.update_id)
             return rejection
         self._remember(update.update_id)
+        self._use(self._task_slot(update))
+        self.missed_deadline.discard(update.worker_id)
         staleness = self.version - update.base_version
         self.note_worker(update.worker_id, now, update.num_samples)
         info = self.workers[update.worker_id]
@@ -237,6 +261,18 @@ class JobState:
             self.seen_update_ids.add(update_id)
             self._seen_order.append(update_id)
 
+    def _use(self, slot: str) -> None:
+        self.used_tasks.add(slot)
+        self._used_order.append(slot)
+
+    def _task_slot(self, update: Update) -> str:
+        """What an accepted update uses up: its task (one update per task); in fedavg, its
+        worker's place in the round of its task (one update per worker per round; a task's
+        round is the version it carries). A '/' never occurs in an id."""
+        if self.round is None:
+            return update.task_id
+        return f"{update.base_version}/{update.worker_id}"
+
     def _check(self, update: Update) -> Rejected | None:
         def no(reason: str, detail: str) -> Rejected:
             return Rejected(update.update_id, reason, detail)
@@ -251,6 +287,16 @@ class JobState:
         limit = self.strategy.max_staleness
         if limit is not None and staleness > limit:
             return no("too_stale", f"staleness {staleness} > max_staleness {limit}")
+        if not self.tasks.verify(update.task_id, update.worker_id, update.base_version):
+            detail = f"task {update.task_id!r} was not issued to {update.worker_id!r} at version"
+            return no("unknown_task", f"{detail} {update.base_version}")
+        if self._task_slot(update) in self.used_tasks:
+            if self.round is not None:
+                detail = (
+                    f"{update.worker_id!r} already sent an update for round {update.base_version}"
+                )
+                return no("round_contributed", detail)
+            return no("task_used", f"an update for task {update.task_id!r} was already accepted")
         if update.kind != self.update_kind:
             return no("wrong_kind", f"{self.strategy.name} needs {self.update_kind}")
         try:
@@ -326,7 +372,9 @@ class JobState:
         got = self._buffer.count
         if got == 0:
             return False
-        wanted = self.strategy.min_updates or max(1, len(self._round_selected))
+        # A worker that let an earlier round's deadline pass is not waited for.
+        waited = self._round_selected - self.missed_deadline
+        wanted = self.strategy.min_updates or max(1, len(waited))
         if len(self._round_contributors) >= wanted and got >= 1:
             return True
         overdue = now - self._round_started >= self.strategy.round_deadline_s
@@ -353,6 +401,11 @@ class JobState:
         self._pending = _Pending()
         self._buffer.reset()
         if self.round is not None:
+            if now - self._round_started >= self.strategy.round_deadline_s:
+                missed = self._round_selected - self._round_contributors - self.missed_deadline
+                missed -= self.failed.keys()
+                self.missed_deadline |= missed
+                self._newly_missed += sorted(missed)
             self.round += 1
             self._round_started = now
             self._round_selected = set()
@@ -389,6 +442,7 @@ class JobState:
             # The live list, in the order seen, not a copy: the checkpoint store writes only the
             # ids it has not logged yet, so a checkpoint's cost does not grow with the job.
             "seen_update_ids": self._seen_order,
+            "used_tasks": self._used_order,
             "accepted": self.accepted,
             "rejected": dict(self.rejected),
             "round_contributors": sorted(self._round_contributors),
@@ -420,6 +474,9 @@ class JobState:
         )
         self._seen_order = list(snap["seen_update_ids"])
         self.seen_update_ids = set(self._seen_order)
+        # Checkpoints written before task ids were checked have none: none was used.
+        self._used_order = list(snap.get("used_tasks", []))
+        self.used_tasks = set(self._used_order)
         self.accepted = int(snap["accepted"])
         self.rejected = dict(snap["rejected"])
         self._round_started = now

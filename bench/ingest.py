@@ -54,6 +54,7 @@ from aggregator.aggregation import fedavg
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
+from aggregator.tasks import TaskIds, load_task_key
 from broker.rabbitmq import DEFAULT_PREFETCH, RabbitMQTransport, read_in_large_pieces
 from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, Topology
 from broker.transport import Delivery
@@ -66,8 +67,11 @@ CNN = ModelSpec("cnn", (1, 28, 28), 10)
 UPDATE_MB = 6.654  # one encoded CNN update
 
 
-def make_updates(job_id: str, count: int, seed: int = 0) -> list[Update]:
-    """`count` FedAvg updates of the CNN: the initial weights plus small noise, one per worker."""
+def make_updates(
+    job_id: str, count: int, seed: int = 0, tasks: TaskIds | None = None
+) -> list[Update]:
+    """`count` FedAvg updates of the CNN: the initial weights plus small noise, one per worker,
+    each answering a task of version 0 issued with `tasks` (the aggregator's task key)."""
     base = state_to_numpy(build_model(CNN, seed=seed))
     rng = np.random.default_rng(seed)
     updates = []
@@ -81,7 +85,7 @@ def make_updates(job_id: str, count: int, seed: int = 0) -> list[Update]:
                 job_id=job_id,
                 update_id=uuid.uuid4().hex,
                 worker_id=f"w{i:04d}",
-                task_id=uuid.uuid4().hex,
+                task_id=tasks.issue(f"w{i:04d}", 0) if tasks else uuid.uuid4().hex,
                 base_version=0,
                 round=0,
                 kind="weights",
@@ -245,10 +249,15 @@ def ingest(url: str, count: int, repeat: int) -> list[dict[str, float]]:
     results = []
     for i in range(repeat):
         bench = Bench(url)
+        state = tempfile.TemporaryDirectory(prefix="fedq-ingest-")
         try:
             bench.declare()
             job = job_of(f"ingest-{uuid.uuid4().hex[:8]}", count)
-            bodies = [encode_message(u) for u in make_updates(job.job_id, count, seed=i)]
+            # The aggregator takes only updates for tasks it issued: sign them with its key.
+            tasks = TaskIds(load_task_key(Path(state.name)), job.job_id)
+            updates = make_updates(job.job_id, count, seed=i, tasks=tasks)
+            bodies = [encode_message(u) for u in updates]
+            del updates
             bench.publish_job(job)
             bench.fill(bodies)
             for queue in [*bench.bare_queues.values(), bench.topology.updates]:
@@ -259,14 +268,11 @@ def ingest(url: str, count: int, repeat: int) -> list[dict[str, float]]:
             if i % 2:
                 order.reverse()
             seconds: dict[str, float] = {}
-            with tempfile.TemporaryDirectory(prefix="fedq-ingest-") as state_dir:
-                for kind in order:
-                    if kind == "aggregator":
-                        seconds[kind], accuracy = bench.drain_aggregator(
-                            job, count, Path(state_dir)
-                        )
-                    else:
-                        seconds[kind] = bench.drain_bare(count, kind)
+            for kind in order:
+                if kind == "aggregator":
+                    seconds[kind], accuracy = bench.drain_aggregator(job, count, Path(state.name))
+                else:
+                    seconds[kind] = bench.drain_bare(count, kind)
             cells = " | ".join(
                 f"{count / seconds[k]:6.1f} | {count * UPDATE_MB / seconds[k]:5.0f}"
                 for k in ("pika", "pika-1MiB", "aggregator")
@@ -280,6 +286,7 @@ def ingest(url: str, count: int, repeat: int) -> list[dict[str, float]]:
             results.append(seconds)
         finally:
             bench.teardown()
+            state.cleanup()
     return results
 
 

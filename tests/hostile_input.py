@@ -4,17 +4,21 @@ Shared by the in-process and the RabbitMQ tiers (tests/integration/test_hostile_
 tests/rabbitmq/test_rabbitmq_hostile_input.py): one FedAsync job on a small model, a sequence of
 valid updates with one bad message of every kind between them, and what the dead queue must hold
 afterwards. Bad messages are written with plain msgpack or by mutating a valid encoding, never
-by the project's encoder alone, so that the codec's checks are what stops them.
+by the project's encoder alone, so that the codec's checks are what stops them. Updates answer
+tasks issued under the tests' known task key (tests/known_task_key.py): an aggregator for these
+cases is started on a state directory prepared with `use_known_key`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
+from known_task_key import task_id
 
 from shared.chunks import split_payload
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
@@ -61,7 +65,8 @@ class Case:
 
 
 def _update(update_id: str, base: int, scale: float = 0.01, seed: int = 0, **fields: Any) -> Update:
-    """Weights near the initial model: small noise on every floating-point tensor."""
+    """Weights near the initial model: small noise on every floating-point tensor; answering a
+    task issued for its worker and base version (one task per update id)."""
     rng = np.random.default_rng(seed)
     tensors = {
         name: (a + rng.normal(0.0, scale, a.shape)).astype(a.dtype) if a.dtype.kind == "f" else a
@@ -71,7 +76,7 @@ def _update(update_id: str, base: int, scale: float = 0.01, seed: int = 0, **fie
         "job_id": JOB_ID,
         "update_id": update_id,
         "worker_id": WORKER,
-        "task_id": f"task-{update_id}",
+        "task_id": "",
         "base_version": base,
         "round": None,
         "kind": "weights",
@@ -80,7 +85,11 @@ def _update(update_id: str, base: int, scale: float = 0.01, seed: int = 0, **fie
         "metrics": {"loss": 1.0},
         "sent_at": 0.0,
     }
-    return Update(**(values | fields))
+    values |= fields
+    if not values["task_id"]:
+        nonce = hashlib.md5(update_id.encode()).hexdigest()  # 32 hex digits, fixed per update
+        values["task_id"] = task_id(JOB_ID, values["worker_id"], values["base_version"], nonce)
+    return Update(**values)
 
 
 def _body(update: Update) -> dict[str, Any]:
@@ -185,6 +194,16 @@ def _value_failures() -> list[Case]:
     ]
 
 
+def _task_failures() -> list[Case]:
+    """Updates that answer no task of theirs, or a task already answered (after valid 3)."""
+    replayed = _body(_update("valid-3", 3, seed=3)) | {"update_id": "bad-replayed"}
+    return [
+        _encoded("task_never_issued", "unknown_task", task_id="task-made-up"),
+        _encoded("task_of_another_version", "unknown_task", task_id=task_id(JOB_ID, WORKER, 1)),
+        _whole("replayed_under_a_new_update_id", "task_used", _pack(replayed)),
+    ]
+
+
 def _size_failures() -> list[Case]:
     far = encode_message(_update("bad-norm", 4, scale=1.0, seed=51))
     # Unknown keys are ignored: without its size this update would be accepted.
@@ -218,6 +237,7 @@ def sequence() -> list[Case]:
         _whole("duplicate_update_id", "duplicate", duplicate),
         *_tensor_failures(),
         valid(3),
+        *_task_failures(),
         *_value_failures(),
         valid(4),
         *_size_failures(),

@@ -6,11 +6,15 @@ worker service, updates.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from known_task_key import task_id as issued_task_id
+from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
 
 from aggregator.metrics import AggregatorMetrics
@@ -19,7 +23,7 @@ from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
 from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, read_dead_letter
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
-from shared.messages import Hello, Job, Update, encode_message
+from shared.messages import Hello, Job, Task, Update, decode_message, encode_message
 from shared.models import build_model, state_to_numpy
 from worker.metrics import WorkerMetrics
 from worker.service import LocalData, WorkerService
@@ -42,13 +46,22 @@ def fedbuff_spec(buffer_size: int, max_versions: int) -> JobSpec:
     )
 
 
-def aggregator(memory: MemoryBroker, state_dir: Path, **settings: Any) -> AggregatorService:
-    """An aggregator on the broker, subscribed to jobs and updates, not yet stepped;
-    `settings` are AggregatorSettings fields."""
+def aggregator(
+    memory: MemoryBroker,
+    state_dir: Path,
+    known_key: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+    **settings: Any,
+) -> AggregatorService:
+    """An aggregator on the broker, subscribed to jobs and updates, not yet stepped, with the
+    tests' known task key (else its own); `settings` are AggregatorSettings fields."""
+    if known_key:
+        use_known_key(state_dir)
     service = AggregatorService(
         MemoryTransport(memory, TOPOLOGY),
         AggregatorSettings(broker="memory", state_dir=str(state_dir), **settings),
         AggregatorMetrics(CollectorRegistry()),
+        clock=clock,
     )
     service.transport.declare()
     service.transport.subscribe(TOPOLOGY.jobs)
@@ -68,13 +81,52 @@ def broker_with_job(spec: JobSpec) -> tuple[MemoryBroker, MemoryTransport]:
 
 
 def send_delta(
-    sender: MemoryTransport, update_id: str, base: int, value: float, task_id: str = "t"
+    sender: MemoryTransport, update_id: str, base: int, value: float, task_id: str | None = None
 ) -> None:
-    """Publish w0's FedBuff update: every parameter moved by `value`."""
+    """Publish w0's FedBuff update: every parameter moved by `value`, answering `task_id` (by
+    default a new task of version `base`, issued under the known key)."""
+    task_id = task_id if task_id is not None else issued_task_id(JOB_ID, "w0", base)
     tensors = {name: np.full(a.shape, value, a.dtype) for name, a in SHAPES.items()}
     update = Update(JOB_ID, update_id, "w0", task_id, base, None, "delta", 10, tensors,
                     {"loss": 1.0}, sent_at=0.0)  # fmt: skip
     sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
+
+
+def tasks_sent(memory: MemoryBroker, worker_id: str = "w0") -> list[Task]:
+    """Every task waiting in a worker's queue, taken off it and decoded."""
+    reader = MemoryTransport(memory, TOPOLOGY)
+    reader.subscribe(TOPOLOGY.task_queue(worker_id))
+    tasks = []
+    while (delivery := reader.receive(0)) is not None:
+        message = decode_message(delivery.body)
+        assert isinstance(message, Task)
+        tasks.append(message)
+        reader.ack(delivery)
+    return tasks
+
+
+def answer(sender: MemoryTransport, task: Task, update_id: str, value: float = 0.01) -> Update:
+    """Publish the update a worker sends for `task` (every parameter moved by `value`, as a
+    delta or as weights, as the task asks); return it."""
+    model = task.model.tensors
+    moved = {name: (a + np.asarray(value, a.dtype)).astype(a.dtype) for name, a in model.items()}
+    if task.training.send == "delta":
+        moved = {name: np.full(a.shape, value, a.dtype) for name, a in model.items()}
+    update = Update(
+        task.job_id,
+        update_id,
+        task.worker_id,
+        task.task_id,
+        task.version,
+        task.round,
+        task.training.send,
+        10,
+        moved,
+        {"loss": 1.0},
+        sent_at=0.0,
+    )
+    sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))
+    return update
 
 
 def dead_letters(memory: MemoryBroker) -> list[tuple[str, bytes]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from known_task_key import task_id
 from memory_job import (
     JOB_ID,
     SHAPES,
@@ -30,7 +31,8 @@ CHUNK_SIZE = 4096
 def _envelopes(update_id: str, base: int, value: float) -> list[bytes]:
     """w0's FedBuff update, every parameter moved by `value`, as chunk envelopes."""
     tensors = {name: np.full(a.shape, value, a.dtype) for name, a in SHAPES.items()}
-    update = Update(JOB_ID, update_id, "w0", "t", base, None, "delta", 10, tensors,
+    task = task_id(JOB_ID, "w0", base)
+    update = Update(JOB_ID, update_id, "w0", task, base, None, "delta", 10, tensors,
                     {"loss": 1.0}, sent_at=0.0)  # fmt: skip
     return split_payload(encode_message(update), CHUNK_SIZE)
 

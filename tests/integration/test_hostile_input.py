@@ -20,6 +20,7 @@ from hostile_input import (
     rejected_reasons,
     sequence,
 )
+from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
 from safetensors.numpy import load_file
 
@@ -44,7 +45,7 @@ class _Federation:
         # Incomplete chunk sets are dead-lettered once this old.
         settings = AggregatorSettings(
             broker="memory",
-            state_dir=str(state_dir),
+            state_dir=str(use_known_key(state_dir)),
             max_message_bytes=MAX_MESSAGE_BYTES,
             chunk_max_age_s=0.05,
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from batchnorm_model import REFERENCE
+from known_task_key import task_id, use_known_key
 from memory_job import JOB_ID, TOPOLOGY, broker_with_job, fedbuff_spec, read_history, send_delta
 from prometheus_client import CollectorRegistry
 
@@ -43,7 +44,7 @@ def _aggregator(
     registry = CollectorRegistry()
     service = AggregatorService(
         MemoryTransport(memory, TOPOLOGY),
-        AggregatorSettings(broker="memory", state_dir=str(state_dir), **settings),  # type: ignore[arg-type]
+        AggregatorSettings(broker="memory", state_dir=str(use_known_key(state_dir)), **settings),  # type: ignore[arg-type]
         AggregatorMetrics(registry),
         **({"clock": clock} if clock is not None else {}),
     )
@@ -119,7 +120,8 @@ def test_a_nan_evaluation_is_counted_and_left_out_of_the_history_and_the_next_ta
     for name in tensors:
         if name.endswith("running_var"):
             tensors[name] = np.full_like(tensors[name], -1.0)
-    update = Update(JOB_ID, "u1", "w0", "t", 0, 0, "weights", 10, tensors, {"loss": 1.0}, 0.0)
+    task = task_id(JOB_ID, "w0", 0)
+    update = Update(JOB_ID, "u1", "w0", task, 0, 0, "weights", 10, tensors, {"loss": 1.0}, 0.0)
 
     with caplog.at_level(logging.WARNING, logger="aggregator.service"):
         sender.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(update))

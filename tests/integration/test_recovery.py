@@ -8,10 +8,12 @@ from pathlib import Path
 from memory_job import (
     TOPOLOGY,
     aggregator,
+    answer,
     broker_with_job,
     fedbuff_spec,
     read_history,
     send_delta,
+    tasks_sent,
 )
 from safetensors.numpy import load_file
 
@@ -115,3 +117,32 @@ def test_an_update_waiting_for_its_checkpoint_keeps_only_its_handle_not_its_body
     held = service._job.unacked if service._job else []
     assert [len(d.body) for d in held] == [0] and held[0].handles
     assert memory.depth(TOPOLOGY.updates) == 0  # delivered, unacked, not given back
+
+
+def test_an_update_for_a_task_issued_before_a_restart_is_accepted_after_it_and_only_once(
+    tmp_path: Path,
+) -> None:
+    memory, sender = _broker()
+    first = _aggregator(memory, tmp_path, known_key=False)  # its own key, kept in tmp_path
+    first.run_until_idle()
+    (before,) = tasks_sent(memory, "w0")
+    answer(sender, before, "u1")
+    answer(sender, before, "u1-again")  # the same result under a new update id
+    first.run_until_idle()
+    first.transport.close()  # the crash; u1 waits in the buffer, not yet checkpointed
+
+    second = _aggregator(memory, tmp_path, known_key=False)
+    second.run_until_idle()  # u1 is redelivered and folded again, its replay still refused
+    answer(sender, before, "u1-late")  # a replay after the restart
+    second.run_until_idle()
+    # The task sent by the first aggregator once u1 was in, then the one the second sent.
+    issued_before, issued_after = tasks_sent(memory, "w0")
+    answer(sender, issued_before, "u2")
+    answer(sender, issued_after, "u3")
+    second.run_until_idle()
+
+    assert (tmp_path / "task-key").stat().st_mode & 0o777 == 0o600
+    rejections = (tmp_path / "jobs" / "job-1" / "rejections.jsonl").read_text().splitlines()
+    assert [json.loads(r)["reason"] for r in rejections] == ["task_used", "task_used"]
+    assert [h["update_ids"] for h in _history(tmp_path)[1:]] == [["u1", "u2"]]
+    assert second.status()["updates_held"] == 1  # u3, in the buffer of the next version

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hostile_input import WORKER, job, valid
+from known_task_key import use_known_key
 from memory_job import dead_letters
 from prometheus_client import CollectorRegistry
 
@@ -48,7 +49,8 @@ def test_connect_stamps_the_user_only_when_asked() -> None:
 def _aggregator(memory: MemoryBroker, tmp_path: Path, require: bool) -> AggregatorService:
     # The job comes from an operator's account: with require_user_id it must carry a user_id.
     transport = MemoryTransport(memory, TOPOLOGY, user="operator")
-    settings = AggregatorSettings(broker="memory", state_dir=str(tmp_path), require_user_id=require)
+    state_dir = str(use_known_key(tmp_path))
+    settings = AggregatorSettings(broker="memory", state_dir=state_dir, require_user_id=require)
     service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
     transport.declare()
     transport.subscribe(TOPOLOGY.jobs)

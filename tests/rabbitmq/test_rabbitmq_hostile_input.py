@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hostile_input import MAX_MESSAGE_BYTES, WORKER, Case, job, sequence
+from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
 from rabbitmq_scratch import Scratch
 from safetensors.numpy import load_file
@@ -35,7 +36,7 @@ class _Aggregator:
         # valid set is never cut while its chunks are still on the way.
         settings = AggregatorSettings(
             broker=scratch.url,
-            state_dir=str(state_dir),
+            state_dir=str(use_known_key(state_dir)),
             max_message_bytes=MAX_MESSAGE_BYTES,
             chunk_max_age_s=1.0,
         )

@@ -15,6 +15,7 @@ import pika
 import pytest
 import torch
 from hostile_input import JOB_ID, _update, job
+from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
 from rabbitmq_scratch import PASSWORD, Vhost, ctl
 
@@ -125,7 +126,7 @@ def test_the_aggregator_rejects_an_update_claiming_another_workers_id(
     victim = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
     t = vhost.topology
     transport = vhost.transport(stamp_user_id=True)
-    settings = AggregatorSettings(state_dir=str(tmp_path), require_user_id=True)
+    settings = AggregatorSettings(state_dir=str(use_known_key(tmp_path)), require_user_id=True)
     service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
     transport.declare()
     transport.subscribe(t.jobs)

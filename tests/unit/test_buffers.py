@@ -43,7 +43,7 @@ def _update(
         job_id="job1",
         update_id=f"u{next(_ids)}",
         worker_id=worker,
-        task_id="t",
+        task_id=state.tasks.issue(worker, base),
         base_version=base,
         round=state.round,
         kind=state.update_kind,

@@ -7,17 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from known_task_key import KEY, task_id
 
 from aggregator.checkpoint import (
     KEEP,
     MAGIC,
     SEEN_LOG,
+    USED_LOG,
     CheckpointError,
     CheckpointStore,
     decode_checkpoint,
     encode_checkpoint,
 )
-from aggregator.state import JobState
+from aggregator.state import JobState, Rejected
 from shared.jobs import JobSpec, StrategyConfig
 from shared.messages import Job, Update
 
@@ -25,10 +27,11 @@ from shared.messages import Job, Update
 def _state(version_updates: int = 0) -> JobState:
     spec = JobSpec(strategy=StrategyConfig(name="fedbuff", buffer_size=2))
     initial = {"w": np.zeros(3, np.float32), "steps": np.array(0, np.int64)}
-    state = JobState(Job("job1", spec), initial, started_at=0.0, worker_timeout_s=60)
+    state = JobState(Job("job1", spec), initial, 0.0, worker_timeout_s=60, task_key=KEY)
     for i in range(version_updates):
         update = Update(
-            "job1", f"u{i}", "a", "t", state.version, None, "delta", 10,
+            "job1", f"u{i}", "a", task_id("job1", "a", state.version), state.version, None,
+            "delta", 10,
             {"w": np.full(3, i + 1, np.float32), "steps": np.array(i, np.int64)},
             {"loss": 0.5},
         )  # fmt: skip
@@ -55,7 +58,7 @@ def test_a_restored_state_folds_the_next_update_into_the_same_model_as_the_origi
     original = _state(version_updates=3)
     restored = _state()
     restored.restore(decode_checkpoint(encode_checkpoint("job1", original.snapshot(0), {}))[1], 0)
-    last = Update("job1", "u9", "b", "t", 1, None, "delta", 10,
+    last = Update("job1", "u9", "b", task_id("job1", "b", 1), 1, None, "delta", 10,
                   {"w": np.full(3, 7, np.float32), "steps": np.array(9, np.int64)})  # fmt: skip
 
     original.offer(last, now=1.0)
@@ -78,12 +81,13 @@ def test_a_checkpoint_at_a_version_leaves_the_empty_buffer_out_and_restores_it_e
         encode_checkpoint("job1", with_buffer.snapshot(0), {})
     )
     assert restored.pending_update_ids == []
-    last = Update("job1", "u9", "b", "t", 1, None, "delta", 10,
+    last = Update("job1", "u9", "b", task_id("job1", "b", 1), 1, None, "delta", 10,
                   {"w": np.full(3, 7, np.float32), "steps": np.array(9, np.int64)})  # fmt: skip
     at_version.offer(last, now=1.0)
     restored.offer(last, now=1.0)
-    at_version.offer(replace(last, update_id="u10"), now=1.0)
-    restored.offer(replace(last, update_id="u10"), now=1.0)
+    another = replace(last, update_id="u10", task_id=task_id("job1", "b", 1))
+    at_version.offer(another, now=1.0)
+    restored.offer(another, now=1.0)
     assert restored.version == at_version.version == 2
     assert restored.model["w"].tobytes() == at_version.model["w"].tobytes()
 
@@ -135,7 +139,8 @@ def test_the_store_keeps_only_the_last_two_checkpoints_and_no_temporary_files(
         store.save("job1", _state(2).snapshot(0), {})
 
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 3 and names[-1] == SEEN_LOG and names[0].endswith(".ckpt")
+    assert len(names) == 4 and names[0].endswith(".ckpt") and names[1].endswith(".ckpt")
+    assert names[2:] == [SEEN_LOG, USED_LOG]
 
 
 def test_a_new_store_continues_the_sequence_so_the_newest_stays_newest(tmp_path: Path) -> None:
@@ -160,7 +165,9 @@ def _ids_state(count: int) -> JobState:
 
 def _small_update(update_id: str, base: int) -> Update:
     tensors = {"w": np.full(3, 0.001, np.float32), "steps": np.array(0, np.int64)}
-    return Update("job1", update_id, "a", "t", base, None, "delta", 10, tensors)
+    return Update(
+        "job1", update_id, "a", task_id("job1", "a", base), base, None, "delta", 10, tensors
+    )
 
 
 def test_a_checkpoint_logs_only_the_ids_seen_since_the_one_before(tmp_path: Path) -> None:
@@ -230,3 +237,38 @@ def test_a_checkpoint_from_before_the_id_log_loads_and_the_next_one_logs_every_i
     final, figures = CheckpointStore(tmp_path).load_latest()  # type: ignore[misc]
     assert figures == {"n": "new"}
     assert final["seen_update_ids"] == ["id-000000", "id-000001", "id-000002"]
+
+
+def test_the_tasks_accepted_updates_answered_survive_a_restart_so_a_replay_stays_refused(
+    tmp_path: Path,
+) -> None:
+    state = _state()
+    for k in range(3):  # two make version 1, the third waits in the buffer
+        state.offer(_small_update(f"u{k}", state.version), now=1.0)
+    CheckpointStore(tmp_path).save("job1", state.snapshot(0), {})
+    replay = replace(_small_update("replayed", 1), task_id=state._used_order[-1])
+
+    restored = _state()
+    restored.restore(CheckpointStore(tmp_path).load_latest()[0], now=0.0)  # type: ignore[index]
+    outcome = restored.offer(replay, now=2.0)
+
+    assert restored.used_tasks == state.used_tasks and len(state.used_tasks) == 3
+    assert (tmp_path / USED_LOG).exists()
+    assert isinstance(outcome, Rejected) and outcome.reason == "task_used"
+
+
+def test_a_checkpoint_from_before_task_ids_were_checked_restores_with_no_task_used(
+    tmp_path: Path,
+) -> None:
+    snap = dict(_ids_state(3).snapshot(0))
+    del snap["used_tasks"]
+    (tmp_path / "checkpoint-00000001-00000001.ckpt").write_bytes(
+        encode_checkpoint("job1", snap, {})
+    )
+
+    loaded, _ = CheckpointStore(tmp_path).load_latest()  # type: ignore[misc]
+    restored = _state()
+    restored.restore(loaded, now=0.0)
+
+    assert restored.used_tasks == set()
+    assert restored.seen_update_ids == {"id-000000", "id-000001", "id-000002"}

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+from known_task_key import KEY, task_id
 
 from aggregator.state import Accepted, JobState, Rejected
 from shared.jobs import JobSpec, StrategyConfig
@@ -17,7 +18,7 @@ _ids = itertools.count()
 def _state(**strategy: object) -> JobState:
     spec = JobSpec(strategy=StrategyConfig(**strategy))  # type: ignore[arg-type]
     initial = {"w": np.zeros(2, np.float32), "steps": np.array(0, np.int64)}
-    return JobState(Job("job1", spec), initial, started_at=0.0, worker_timeout_s=60)
+    return JobState(Job("job1", spec), initial, started_at=0.0, worker_timeout_s=60, task_key=KEY)
 
 
 def _update(
@@ -35,7 +36,7 @@ def _update(
         job_id=job,
         update_id=update_id or f"u{next(_ids)}",
         worker_id=worker,
-        task_id="t",
+        task_id=task_id(job, worker, base),
         base_version=base,
         round=None,
         kind=kind,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from known_task_key import KEY, task_id
 
 from aggregator.state import Accepted, JobState
 from shared.jobs import JobSpec, StrategyConfig
@@ -11,12 +12,14 @@ from shared.messages import Job, Update
 
 def _state(name: str) -> JobState:
     spec = JobSpec(strategy=StrategyConfig(name=name))
-    return JobState(Job("job1", spec), {"w": np.zeros(2, np.float32)}, 0.0, worker_timeout_s=60)
+    initial = {"w": np.zeros(2, np.float32)}
+    return JobState(Job("job1", spec), initial, 0.0, worker_timeout_s=60, task_key=KEY)
 
 
 def _update(worker: str) -> Update:
     tensors = {"w": np.ones(2, np.float32)}
-    return Update("job1", f"u-{worker}", worker, f"task-{worker}", 0, 0, "weights", 10, tensors)
+    task = task_id("job1", worker, 0)
+    return Update("job1", f"u-{worker}", worker, task, 0, 0, "weights", 10, tensors)
 
 
 def test_a_failed_worker_gets_no_more_tasks_and_is_not_counted_alive() -> None:
