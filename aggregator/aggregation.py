@@ -49,19 +49,35 @@ def staleness_factor(staleness: int, config: StrategyConfig) -> float:
     raise ValueError(f"unknown staleness function {config.staleness!r}")
 
 
+def sum_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a weighted sum of `dtype` tensors is taken in: one no valid input overflows.
+
+    A weight is at most MAX_NUM_SAMPLES (1e9) and a float32 value at most 3.4e38, so a float32
+    product can overflow; in float64 (up to 1.8e308) neither a product nor a sum of them can.
+    float16 values (up to 65504) are summed in float32 for the same reason. float64 and integer
+    tensors keep their dtype.
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if dtype == np.float32:
+        return np.dtype(np.float64)
+    return dtype
+
+
 class WeightedSum:
     """A running sum of weighted tensors: memory is one model's worth, whatever the count.
 
-    Floating-point tensors accumulate weight * value (float16 sums in float32 so small weights
-    are not lost); other tensors (integer counters) keep the largest value added. `total_weight`
+    Floating-point tensors accumulate weight * value in a wider dtype (sum_dtype: float32 in
+    float64, float16 in float32), so that no valid input can overflow the sum and small weights
+    are not lost; other tensors (integer counters) keep the largest value added. `total_weight`
     sums the weights; `norm` sums the normalising weights, which FedBuff keeps apart (n_i, not
     n_i f(s_i)).
     """
 
     def __init__(self, reference: Mapping[str, np.ndarray]) -> None:
         self.sums: Tensors = {
-            name: np.zeros(a.shape, np.float32 if a.dtype == np.float16 else a.dtype)
-            for name, a in reference.items()
+            name: np.zeros(a.shape, sum_dtype(a.dtype)) for name, a in reference.items()
         }
         # One small scratch per floating dtype, shared by every tensor of that dtype.
         largest: dict[np.dtype, int] = {}
@@ -111,7 +127,8 @@ class WeightedSum:
         }
 
 
-# Elements per slice in axpy: its scratch (512 KiB of float32) stays in the core's cache.
+# Elements per slice in axpy: its scratch (1 MiB of float64, the sums of float32 models) stays
+# in the core's cache.
 AXPY_CHUNK = 1 << 17
 
 
@@ -132,7 +149,7 @@ def axpy(total: np.ndarray, value: np.ndarray, weight: float, scratch: np.ndarra
 
 
 def cast_like(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Tensors:
-    """Return tensors cast to the reference's dtypes (float32 sums back to float16, etc.)."""
+    """Return tensors cast to the reference's dtypes (float64 sums back to float32, etc.)."""
     return {name: np.asarray(tensors[name], dtype=ref.dtype) for name, ref in reference.items()}
 
 

@@ -24,6 +24,9 @@ from shared.models import build_model, state_to_numpy
 MODEL = ModelSpec("mlp", (1, 8, 8), 10)
 JOB_ID = "hostile-1"
 WORKER = "w0"
+# Valid updates come from three sites in turn: the norm bound takes what is normal from the
+# workers' latest norms once three workers sent some (docs/reliability.md, "The norm bound").
+WORKERS = (WORKER, "w1", "w2")
 VALID_UPDATES = 6
 NORM_RATIO = 10.0
 # Chunk sets are cut this small by hand; the aggregator takes messages up to this size.
@@ -60,7 +63,14 @@ class Case:
         return not self.reason
 
 
-def _update(update_id: str, base: int, scale: float = 0.01, seed: int = 0, **fields: Any) -> Update:
+def _update(
+    update_id: str,
+    base: int,
+    scale: float = 0.01,
+    seed: int = 0,
+    worker: str = WORKER,
+    **fields: Any,
+) -> Update:
     """Weights near the initial model: small noise on every floating-point tensor."""
     rng = np.random.default_rng(seed)
     tensors = {
@@ -70,7 +80,7 @@ def _update(update_id: str, base: int, scale: float = 0.01, seed: int = 0, **fie
     values: dict[str, Any] = {
         "job_id": JOB_ID,
         "update_id": update_id,
-        "worker_id": WORKER,
+        "worker_id": worker,
         "task_id": f"task-{update_id}",
         "base_version": base,
         "round": None,
@@ -201,7 +211,7 @@ def _size_failures() -> list[Case]:
 
 def valid(k: int, chunked: bool = False) -> Case:
     """Valid update k, based on version k (each one makes a version under FedAsync)."""
-    payload = encode_message(_update(f"valid-{k}", k, seed=k))
+    payload = encode_message(_update(f"valid-{k}", k, seed=k, worker=WORKERS[k % len(WORKERS)]))
     parts = split_payload(payload, CHUNK_SIZE) if chunked else [payload]
     return Case(f"valid_{k}", "", tuple(parts))
 

@@ -177,3 +177,35 @@ def test_tensors_longer_than_one_slice_and_views_are_summed_whole() -> None:
 
     np.testing.assert_allclose(total.sums["big"], 2.5 * big, rtol=1e-6)
     np.testing.assert_allclose(total.sums["t"], 2.5 * transposed, rtol=1e-6)
+
+
+def test_float32_values_near_the_largest_float32_are_averaged_without_overflow() -> None:
+    # 1,000 samples x 3e38 is far past float32's 3.4e38: the sum is taken in float64.
+    big = np.float32(3e38)
+    updates = [(_model([big, -big]), 1000.0), (_model([big, big]), 3000.0)]
+
+    result = fedavg(updates, _model([0.0, 0.0]))
+
+    assert result["w"].dtype == np.float32
+    np.testing.assert_allclose(result["w"], [3e38, 1.5e38], rtol=1e-6)
+
+
+def test_float32_tensors_are_summed_in_float64() -> None:
+    total = WeightedSum(_model([0.0, 0.0]))
+
+    total.add(_model([1.0, 2.0]), 3.0)
+
+    assert total.sums["w"].dtype == np.float64
+    assert total.sums["steps"].dtype == np.int64
+
+
+def test_a_fedbuff_step_of_deltas_near_the_largest_float32_stays_finite() -> None:
+    big = np.float32(3e38)
+    buffer = WeightedSum(_model([0.0, 0.0]))
+    buffer.add(_model([big, big]), 1000.0, norm=1000.0)
+    buffer.add(_model([big, -big]), 1000.0, norm=1000.0)
+
+    result = fedbuff_step(_model([1.0, 1.0]), buffer, server_lr=1.0)
+
+    assert result["w"].dtype == np.float32
+    np.testing.assert_allclose(result["w"], [3e38, 1.0], rtol=1e-6)
