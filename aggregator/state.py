@@ -25,7 +25,7 @@ from aggregator.aggregation import (
 )
 from shared.errors import TensorError
 from shared.messages import Job, Update
-from shared.tensors import Tensors, check_finite, check_like, first_nonfinite
+from shared.tensors import Tensors, check_like, first_nonfinite, largest_finite_abs
 
 # A task re-issued to a worker that says it is idle must be at least this old: the hello may
 # simply have crossed the task on the wire.
@@ -226,9 +226,16 @@ class JobState:
             return self._offer(update, now)
 
     def _offer(self, update: Update, now: float) -> Outcome:
+        largest: dict[str, float] = {}
         rejection = self._check(update)
         if rejection is None:
-            rejection = self._check_range(update)
+            try:
+                # One min and max per tensor, reused by the range check and the sum's bound.
+                largest = largest_finite_abs(update.tensors)
+            except TensorError as e:
+                rejection = Rejected(update.update_id, e.reason, str(e))
+        if rejection is None:
+            rejection = self._check_range(update, largest)
         if rejection is None and self.strategy.max_update_norm_ratio is not None:
             rejection = self._check_norm(update, self._change_norm(update))
         if rejection is not None:
@@ -243,7 +250,7 @@ class JobState:
         info.updates += 1
         if info.task_id == update.task_id:
             info.task_id = None
-        self._fold(update, staleness)
+        self._fold(update, staleness, largest)
         self.accepted += 1
         new_version = self._maybe_advance(now)
         return Accepted(update.update_id, staleness, new_version)
@@ -271,7 +278,6 @@ class JobState:
             return no("wrong_kind", f"{self.strategy.name} needs {self.update_kind}")
         try:
             check_like(update.tensors, self.model)
-            check_finite(update.tensors)
         except TensorError as e:
             return no(e.reason, str(e))
         return None
@@ -291,13 +297,14 @@ class JobState:
             total += float(np.dot(change, change))
         return math.sqrt(total)
 
-    def _check_range(self, update: Update) -> Rejected | None:
+    def _check_range(self, update: Update, largest_abs: dict[str, float]) -> Rejected | None:
         """FedBuff: reject a delta d for which x + server_lr * d leaves the dtype's range.
 
         A FedBuff step is x + server_lr * sum_i c_i d_i with c_i >= 0 and sum_i c_i <= 1 (f(s)
         <= 1): a convex combination of x and the points x + server_lr * d_i. If each of those is
-        in range, so is the step, whatever the buffer holds. The check costs a min and a max of
-        the delta; only a delta near the limit is looked at element by element.
+        in range, so is the step, whatever the buffer holds. The check uses the delta's largest
+        |value| (`largest_abs`, from the finiteness check); only a delta near the limit is looked
+        at element by element.
         """
         if self.update_kind != "delta":
             return None  # weights and buffers are averaged: a convex mix of finite values
@@ -306,8 +313,7 @@ class JobState:
             if not is_averaged(delta) or name in self.buffers or not delta.size:
                 continue
             limit = float(np.finfo(delta.dtype).max)
-            largest = max(-float(delta.min()), float(delta.max()))
-            if self._max_abs(name) + lr * largest <= limit:
+            if self._max_abs(name) + lr * largest_abs[name] <= limit:
                 continue
             x = self.model[name]
             # In float64 (a float64 model's may overflow to Inf, which is out of range too).
@@ -349,7 +355,7 @@ class JobState:
             return None
         return float(statistics.median(self._worker_norms.values()))
 
-    def _fold(self, update: Update, staleness: int) -> None:
+    def _fold(self, update: Update, staleness: int, largest_abs: dict[str, float]) -> None:
         factor = staleness_factor(staleness, self.strategy)
         n = update.num_samples
         if self.strategy.name == "fedasync":
@@ -357,9 +363,9 @@ class JobState:
             alpha = min(1.0, self.strategy.alpha * factor * n / self._mean_samples)
             self._candidate = cast_like(mix(self.model, update.tensors, alpha), self.model)
         elif self.strategy.name == "fedbuff":
-            self._buffer.add(update.tensors, n * factor, norm=n)
+            self._buffer.add(update.tensors, n * factor, norm=n, max_abs=largest_abs)
         else:
-            self._buffer.add(update.tensors, n * factor)
+            self._buffer.add(update.tensors, n * factor, max_abs=largest_abs)
             self._round_contributors.add(update.worker_id)
         p = self._pending
         p.update_ids.append(update.update_id)
@@ -500,9 +506,8 @@ class JobState:
         self._model_max_abs = {}
         self._buffer = WeightedSum(self.model)
         if "buffer" in snap:
-            # Checkpoints written before float32 was summed in float64 hold float32 sums.
-            sums = self._buffer.sums
-            self._buffer.sums = {n: np.array(a, sums[n].dtype) for n, a in snap["buffer"].items()}
+            # A sum widened to float64 (its bound said it could overflow) stays float64.
+            self._buffer.restore(snap["buffer"])
         self._buffer.total_weight = float(snap["buffer_weight"])
         self._buffer.norm = float(snap["buffer_norm"])
         self._buffer.count = int(snap["buffer_count"])

@@ -142,3 +142,40 @@ def test_a_fedavg_round_whose_mean_is_not_finite_is_discarded_and_run_again() ->
     honest = _offer(state, *[_update(state, [1.0, 2.0, 3.0], w, "weights") for w in "ab"])
     assert isinstance(honest[1], Accepted) and honest[1].new_version == 1
     assert state.round == 1
+
+
+def test_a_buffer_widened_by_near_limit_deltas_is_checkpointed_and_restored_in_float64() -> None:
+    state = _state(name="fedbuff", buffer_size=3)
+    _offer(state, *[_update(state, [BIG, -BIG, 0.5], w, n=MAX_NUM_SAMPLES) for w in "ab"])
+    assert state._buffer.widened == ["w"]
+
+    restored = _state(name="fedbuff", buffer_size=3)
+    restored.restore(state.snapshot(now=1.0), now=1.0)
+    last = _update(state, [0.0, 0.0, 1.0], "c", n=MAX_NUM_SAMPLES)
+    for s in (state, restored):
+        s.offer(last, now=2.0)
+
+    assert restored.version == state.version == 1
+    np.testing.assert_array_equal(restored.model["w"], state.model["w"])
+    np.testing.assert_allclose(state.model["w"], [2 * BIG / 3, -2 * BIG / 3, 2 / 3], rtol=1e-6)
+
+
+def test_ordinary_updates_are_summed_in_float32_and_a_restored_buffer_keeps_its_bits() -> None:
+    state = _state(name="fedbuff", buffer_size=3)
+    rng = np.random.default_rng(3)
+    deltas = [rng.normal(size=3).astype(np.float32).tolist() for _ in range(3)]
+    _offer(state, _update(state, deltas[0], "a", n=10), _update(state, deltas[1], "b", n=11))
+
+    restored = _state(name="fedbuff", buffer_size=3)
+    restored.restore(state.snapshot(now=1.0), now=1.0)
+    last = _update(state, deltas[2], "c", n=12)
+    for s in (state, restored):
+        s.offer(last, now=2.0)
+
+    assert state._buffer.sums["w"].dtype == np.float32
+    total = np.zeros(3, np.float32)
+    for i, d in enumerate(deltas):
+        total += np.array(d, np.float32) * np.float32(10 + i)
+    expected = np.float32(0.0) + np.float32(1.0 / (10 + 11 + 12)) * total
+    np.testing.assert_array_equal(state.model["w"], expected)
+    np.testing.assert_array_equal(restored.model["w"], expected)
