@@ -128,6 +128,11 @@ class AggregatorMetrics:
             "Global model versions holding NaN or Inf; each ends its job as diverged.",
             registry=registry,
         )
+        self.versions_discarded = Counter(
+            "fedq_aggregator_versions_discarded",
+            "Candidate model versions that held NaN or Inf: never published, their updates let go.",
+            registry=registry,
+        )
         self.job_stalled = Gauge(
             "fedq_aggregator_job_stalled",
             "1 while the running job has made no new version for stall_after_s.",

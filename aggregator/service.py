@@ -401,6 +401,7 @@ class AggregatorService:
             running.unacked_since = self.clock()
         # Only its handles are needed to ack it: the body (a model's worth) is let go now.
         running.unacked.append(replace(delivery, body=b""))
+        self._note_discarded(running)
         if outcome.new_version is not None:
             self._on_new_version(running)
         self.metrics.aggregation_duration.observe(time.perf_counter() - started)
@@ -430,7 +431,9 @@ class AggregatorService:
             or now - running.unacked_since >= self.settings.checkpoint_interval_s
         ):
             self._checkpoint(running)
-        if running.state.check_deadline(now) is not None:
+        new_version = running.state.check_deadline(now)
+        self._note_discarded(running)
+        if new_version is not None:
             self._on_new_version(running)
         elif self._stop_reason(running) is not None:
             self._finish(running)
@@ -829,6 +832,23 @@ class AggregatorService:
             running.job.job_id,
             running.diverged,
         )
+
+    def _note_discarded(self, running: _Running) -> None:
+        """Candidate versions the state discarded (not finite): counted, logged, and their
+        updates listed in rejections.jsonl; the job goes on from the last good version."""
+        for discarded in running.state.take_discarded():
+            self.metrics.versions_discarded.inc()
+            logger.warning(
+                "job %s: %s (updates %s); the model stays version %d and the job goes on",
+                running.job.job_id,
+                discarded.detail,
+                ", ".join(discarded.update_ids),
+                running.state.version,
+            )
+            for update_id in discarded.update_ids:
+                running.output.append_rejection(
+                    {"update_id": update_id, "reason": discarded.reason, "detail": discarded.detail}
+                )
 
     def _note_nonfinite_evaluation(
         self, running: _Running, version: int, accuracy: float, loss: float

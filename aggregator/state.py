@@ -10,7 +10,6 @@ import math
 import random
 import secrets
 import statistics
-from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,15 +27,18 @@ from aggregator.aggregation import (
 from aggregator.tasks import KEY_BYTES, TaskIds
 from shared.errors import TensorError
 from shared.messages import Job, Update
-from shared.tensors import Tensors, check_finite, check_like
+from shared.tensors import Tensors, check_like, first_nonfinite, largest_finite_abs
 
 # A task re-issued to a worker that says it is idle must be at least this old: the hello may
 # simply have crossed the task on the wire.
 REISSUE_GRACE_S = 10.0
-# The norm bound compares an update with the median of this many recent accepted updates, and
-# only once this many were accepted: a median of one or two says little about what is normal.
-NORM_WINDOW = 50
-NORM_MIN_ACCEPTED = 3
+# The norm bound's reference for "normal" (docs/reliability.md, "The norm bound"): the median,
+# over workers, of the norm of each worker's latest update that passed the other checks (accepted
+# or rejected by the bound), once NORM_MIN_WORKERS workers sent one. One worker moves it by one
+# rank at most, whatever it sends; an honest majority whose norms all rise (after a poisoning)
+# lifts it with them at their next updates. (A longer window per worker would only make that
+# recovery slower: the median over workers already smooths one worker's odd update.)
+NORM_MIN_WORKERS = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,16 @@ class Rejected:
 
 
 Outcome = Accepted | Rejected
+
+
+@dataclass(frozen=True)
+class Discarded:
+    """A candidate version was not finite: it was never published, the model stays the last good
+    one, and the updates folded into it (accepted before) are let go with this `reason`."""
+
+    update_ids: tuple[str, ...]
+    reason: str
+    detail: str
 
 
 @dataclass
@@ -135,7 +147,6 @@ class JobState:
         self._round_contributors: set[str] = set()
         self._rng = random.Random(job.spec.seed)
         self._mean_samples = 0.0
-        self._accepted_norms: deque[float] = deque(maxlen=NORM_WINDOW)
         # Task ids verify against the key (the service's, kept in its state directory; a fresh
         # one otherwise), so tasks issued before a restart are still known after it.
         self.tasks = TaskIds(task_key or secrets.token_bytes(KEY_BYTES), job.job_id)
@@ -146,6 +157,13 @@ class JobState:
         # do not wait for them until they send one. The newly added, for the service to count.
         self.missed_deadline: set[str] = set()
         self._newly_missed: list[str] = []
+        # The norm bound: each worker's latest norm (the entries of the reference).
+        self._worker_norms: dict[str, float] = {}
+        # FedBuff's range check: the largest |value| of each tensor of the current model.
+        self._model_max_abs: dict[str, float] = {}
+        # FedAsync's next model, made by _fold, published (or discarded) by _maybe_advance.
+        self._candidate: Tensors | None = None
+        self._discarded: list[Discarded] = []
 
     @property
     def update_kind(self) -> str:
@@ -224,17 +242,24 @@ class JobState:
 
     def offer(self, update: Update, now: float) -> Outcome:
         """Validate an update and fold it in; may complete a new version."""
-        # Finite updates can still overflow the model to Inf: the service checks every new
-        # version and ends the job as diverged, so numpy's warning would only repeat that.
+        # A candidate version that overflows anyway is discarded (_publish) and reported by the
+        # service, so numpy's warning would only repeat that.
         with np.errstate(over="ignore", invalid="ignore"):
             return self._offer(update, now)
 
     def _offer(self, update: Update, now: float) -> Outcome:
+        largest: dict[str, float] = {}
         rejection = self._check(update)
-        norm: float | None = None
+        if rejection is None:
+            try:
+                # One min and max per tensor, reused by the range check and the sum's bound.
+                largest = largest_finite_abs(update.tensors)
+            except TensorError as e:
+                rejection = Rejected(update.update_id, e.reason, str(e))
+        if rejection is None:
+            rejection = self._check_range(update, largest)
         if rejection is None and self.strategy.max_update_norm_ratio is not None:
-            norm = self._change_norm(update)
-            rejection = self._check_norm(update, norm)
+            rejection = self._check_norm(update, self._change_norm(update))
         if rejection is not None:
             self.rejected[rejection.reason] = self.rejected.get(rejection.reason, 0) + 1
             if rejection.reason != "duplicate":
@@ -249,10 +274,8 @@ class JobState:
         info.updates += 1
         if info.task_id == update.task_id:
             info.task_id = None
-        self._fold(update, staleness)
+        self._fold(update, staleness, largest)
         self.accepted += 1
-        if norm is not None:
-            self._accepted_norms.append(norm)
         new_version = self._maybe_advance(now)
         return Accepted(update.update_id, staleness, new_version)
 
@@ -301,7 +324,6 @@ class JobState:
             return no("wrong_kind", f"{self.strategy.name} needs {self.update_kind}")
         try:
             check_like(update.tensors, self.model)
-            check_finite(update.tensors)
         except TensorError as e:
             return no(e.reason, str(e))
         return None
@@ -321,29 +343,75 @@ class JobState:
             total += float(np.dot(change, change))
         return math.sqrt(total)
 
-    def _check_norm(self, update: Update, norm: float) -> Rejected | None:
-        """Reject a change far larger than the recent accepted ones (strategy bound)."""
-        ratio = self.strategy.max_update_norm_ratio
-        if ratio is None or len(self._accepted_norms) < NORM_MIN_ACCEPTED:
-            return None
-        median = statistics.median(self._accepted_norms)
-        # A zero median (updates that changed nothing) would reject every real change forever.
-        if median > 0 and norm > ratio * median:
-            detail = f"change norm {norm:.6g} > {ratio:g} x median {median:.6g} of recent updates"
-            return Rejected(update.update_id, "norm_too_large", detail)
+    def _check_range(self, update: Update, largest_abs: dict[str, float]) -> Rejected | None:
+        """FedBuff: reject a delta d for which x + server_lr * d leaves the dtype's range.
+
+        A FedBuff step is x + server_lr * sum_i c_i d_i with c_i >= 0 and sum_i c_i <= 1 (f(s)
+        <= 1): a convex combination of x and the points x + server_lr * d_i. If each of those is
+        in range, so is the step, whatever the buffer holds. The check uses the delta's largest
+        |value| (`largest_abs`, from the finiteness check); only a delta near the limit is looked
+        at element by element.
+        """
+        if self.update_kind != "delta":
+            return None  # weights and buffers are averaged: a convex mix of finite values
+        lr = self.strategy.server_lr
+        for name, delta in update.tensors.items():
+            if not is_averaged(delta) or name in self.buffers or not delta.size:
+                continue
+            limit = float(np.finfo(delta.dtype).max)
+            if self._max_abs(name) + lr * largest_abs[name] <= limit:
+                continue
+            x = self.model[name]
+            # In float64 (a float64 model's may overflow to Inf, which is out of range too).
+            moved = x.astype(np.float64) + lr * delta.astype(np.float64)
+            if not np.all(np.abs(moved) <= limit):
+                detail = (
+                    f"tensor {name!r}: model + server_lr x delta leaves the range of {x.dtype} "
+                    f"(|value| <= {limit:.6g})"
+                )
+                return Rejected(update.update_id, "out_of_range", detail)
         return None
 
-    def _fold(self, update: Update, staleness: int) -> None:
+    def _max_abs(self, name: str) -> float:
+        """The largest |value| of a tensor of the current model (cached until it changes)."""
+        if name not in self._model_max_abs:
+            x = self.model[name]
+            self._model_max_abs[name] = max(-float(x.min()), float(x.max())) if x.size else 0.0
+        return self._model_max_abs[name]
+
+    def _check_norm(self, update: Update, norm: float) -> Rejected | None:
+        """Reject a change far larger than normal (strategy bound); then note its norm."""
+        ratio = self.strategy.max_update_norm_ratio
+        reference = self.norm_reference()
+        rejection = None
+        # A zero reference (updates that changed nothing) would reject every real change.
+        if ratio is not None and reference is not None and 0 < reference < norm / ratio:
+            detail = (
+                f"change norm {norm:.6g} > {ratio:g} x {reference:.6g}, the median over "
+                f"workers of their latest norms"
+            )
+            rejection = Rejected(update.update_id, "norm_too_large", detail)
+        self._worker_norms[update.worker_id] = norm
+        return rejection
+
+    def norm_reference(self) -> float | None:
+        """What the norm bound takes as normal: the median over workers of their latest norms;
+        None until NORM_MIN_WORKERS workers sent one."""
+        if len(self._worker_norms) < NORM_MIN_WORKERS:
+            return None
+        return float(statistics.median(self._worker_norms.values()))
+
+    def _fold(self, update: Update, staleness: int, largest_abs: dict[str, float]) -> None:
         factor = staleness_factor(staleness, self.strategy)
         n = update.num_samples
         if self.strategy.name == "fedasync":
             self._mean_samples += (n - self._mean_samples) / (self.accepted + 1)
             alpha = min(1.0, self.strategy.alpha * factor * n / self._mean_samples)
-            self.model = cast_like(mix(self.model, update.tensors, alpha), self.model)
+            self._candidate = cast_like(mix(self.model, update.tensors, alpha), self.model)
         elif self.strategy.name == "fedbuff":
-            self._buffer.add(update.tensors, n * factor, norm=n)
+            self._buffer.add(update.tensors, n * factor, norm=n, max_abs=largest_abs)
         else:
-            self._buffer.add(update.tensors, n * factor)
+            self._buffer.add(update.tensors, n * factor, max_abs=largest_abs)
             self._round_contributors.add(update.worker_id)
         p = self._pending
         p.update_ids.append(update.update_id)
@@ -355,18 +423,44 @@ class JobState:
 
     def _maybe_advance(self, now: float) -> int | None:
         name = self.strategy.name
-        if name == "fedasync":
-            return self._advance(now)
+        if name == "fedasync" and self._candidate is not None:
+            candidate, self._candidate = self._candidate, None
+            return self._publish(candidate, now)
         if name == "fedbuff" and self._buffer.count >= self.strategy.buffer_size:
-            self.model = cast_like(
-                fedbuff_step(self.model, self._buffer, self.strategy.server_lr, self.buffers),
-                self.model,
-            )
-            return self._advance(now)
+            step = fedbuff_step(self.model, self._buffer, self.strategy.server_lr, self.buffers)
+            return self._publish(cast_like(step, self.model), now)
         if name == "fedavg" and self._round_complete(now):
-            self.model = cast_like(self._buffer.mean(), self.model)
-            return self._advance(now)
+            return self._publish(cast_like(self._buffer.mean(), self.model), now)
         return None
+
+    def _publish(self, candidate: Tensors, now: float) -> int | None:
+        """Make the candidate the new version; one that is not finite is discarded instead.
+
+        The checks on updates keep every version of a float32 or float16 model finite; this is
+        the last line of defence (a float64 model's sum can overflow): a global model holding NaN
+        or Inf would make every later update useless.
+        """
+        bad = first_nonfinite(candidate)
+        if bad is None:
+            self.model = candidate
+            self._model_max_abs = {}
+            return self._advance(now)
+        p = self._pending
+        detail = (
+            f"the version after {self.version} would hold NaN or Inf in tensor {bad!r}: not "
+            f"published; the {len(p.update_ids)} updates folded into it are let go"
+        )
+        self._discarded.append(Discarded(tuple(p.update_ids), "version_not_finite", detail))
+        self._pending = _Pending()
+        self._buffer.reset()
+        if self.round is not None:
+            self._restart_round(now)  # the same round, run again from the last good model
+        return None
+
+    def take_discarded(self) -> list[Discarded]:
+        """The candidate versions discarded since the last call (for the service to report)."""
+        discarded, self._discarded = self._discarded, []
+        return discarded
 
     def _round_complete(self, now: float) -> bool:
         got = self._buffer.count
@@ -385,8 +479,7 @@ class JobState:
         if self.strategy.name != "fedavg" or not self._round_complete(now):
             return None
         with np.errstate(over="ignore", invalid="ignore"):
-            self.model = cast_like(self._buffer.mean(), self.model)
-        return self._advance(now)
+            return self._publish(cast_like(self._buffer.mean(), self.model), now)
 
     def _advance(self, now: float) -> int:
         p = self._pending
@@ -407,12 +500,15 @@ class JobState:
                 self.missed_deadline |= missed
                 self._newly_missed += sorted(missed)
             self.round += 1
-            self._round_started = now
-            self._round_selected = set()
-            self._round_contributors = set()
-            for info in self.workers.values():
-                info.task_id = None
+            self._restart_round(now)
         return self.version
+
+    def _restart_round(self, now: float) -> None:
+        self._round_started = now
+        self._round_selected = set()
+        self._round_contributors = set()
+        for info in self.workers.values():
+            info.task_id = None
 
     @property
     def pending_update_ids(self) -> list[str]:
@@ -447,7 +543,7 @@ class JobState:
             "rejected": dict(self.rejected),
             "round_contributors": sorted(self._round_contributors),
             "mean_samples": self._mean_samples,
-            "accepted_norms": list(self._accepted_norms),
+            "worker_norms": dict(self._worker_norms),
         }
         if self._buffer.count:
             # An empty buffer is all zeros: leaving it out halves a version's checkpoint.
@@ -461,9 +557,11 @@ class JobState:
         self.round = snap["round"]
         self.started_at = now - float(snap["elapsed_s"])
         self.model = {name: np.array(a) for name, a in snap["model"].items()}
+        self._model_max_abs = {}
         self._buffer = WeightedSum(self.model)
         if "buffer" in snap:
-            self._buffer.sums = {name: np.array(a) for name, a in snap["buffer"].items()}
+            # A sum widened to float64 (its bound said it could overflow) stays float64.
+            self._buffer.restore(snap["buffer"])
         self._buffer.total_weight = float(snap["buffer_weight"])
         self._buffer.norm = float(snap["buffer_norm"])
         self._buffer.count = int(snap["buffer_count"])
@@ -482,6 +580,7 @@ class JobState:
         self._round_started = now
         self._round_contributors = set(snap["round_contributors"])
         self._mean_samples = float(snap["mean_samples"])
-        # Checkpoints written before the norm bound existed have no norms: it starts afresh.
-        norms = (float(v) for v in snap.get("accepted_norms", []))
-        self._accepted_norms = deque(norms, maxlen=NORM_WINDOW)
+        # Checkpoints written before the per-worker reference (or the norm bound) have none of
+        # its norms: it starts afresh.
+        norms = snap.get("worker_norms", {})
+        self._worker_norms = {str(worker): float(norm) for worker, norm in norms.items()}

@@ -124,9 +124,23 @@ def check_like(tensors: Tensors, reference: Mapping[str, np.ndarray]) -> None:
 
 def check_finite(tensors: Tensors) -> None:
     """Raise TensorError if any floating-point value is NaN or infinite."""
-    name = first_nonfinite(tensors)
-    if name is not None:
-        raise TensorError(f"tensor {name!r} holds NaN or Inf", reason="not_finite")
+    largest_finite_abs(tensors)
+
+
+def largest_finite_abs(tensors: Tensors) -> dict[str, float]:
+    """Raise TensorError (not_finite) if any floating-point value is NaN or infinite; else return
+    each floating-point tensor's largest |value|. Its min and max are taken anyway: the
+    aggregator reuses them for its range check and to bound its sums."""
+    largest: dict[str, float] = {}
+    for name, array in tensors.items():
+        if array.dtype.kind != "f":
+            continue
+        lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        # min and max propagate NaN and show an Inf, without isfinite's array of booleans.
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise TensorError(f"tensor {name!r} holds NaN or Inf", reason="not_finite")
+        largest[name] = max(-lo, hi)
+    return largest
 
 
 def first_nonfinite(tensors: Mapping[str, np.ndarray]) -> str | None:

@@ -28,6 +28,9 @@ from shared.models import build_model, state_to_numpy
 MODEL = ModelSpec("mlp", (1, 8, 8), 10)
 JOB_ID = "hostile-1"
 WORKER = "w0"
+# Valid updates come from three sites in turn: the norm bound takes what is normal from the
+# workers' latest norms once three workers sent some (docs/reliability.md, "The norm bound").
+WORKERS = (WORKER, "w1", "w2")
 VALID_UPDATES = 6
 NORM_RATIO = 10.0
 # Chunk sets are cut this small by hand; the aggregator takes messages up to this size.
@@ -64,7 +67,14 @@ class Case:
         return not self.reason
 
 
-def _update(update_id: str, base: int, scale: float = 0.01, seed: int = 0, **fields: Any) -> Update:
+def _update(
+    update_id: str,
+    base: int,
+    scale: float = 0.01,
+    seed: int = 0,
+    worker: str = WORKER,
+    **fields: Any,
+) -> Update:
     """Weights near the initial model: small noise on every floating-point tensor; answering a
     task issued for its worker and base version (one task per update id)."""
     rng = np.random.default_rng(seed)
@@ -75,7 +85,7 @@ def _update(update_id: str, base: int, scale: float = 0.01, seed: int = 0, **fie
     values: dict[str, Any] = {
         "job_id": JOB_ID,
         "update_id": update_id,
-        "worker_id": WORKER,
+        "worker_id": worker,
         "task_id": "",
         "base_version": base,
         "round": None,
@@ -220,7 +230,7 @@ def _size_failures() -> list[Case]:
 
 def valid(k: int, chunked: bool = False) -> Case:
     """Valid update k, based on version k (each one makes a version under FedAsync)."""
-    payload = encode_message(_update(f"valid-{k}", k, seed=k))
+    payload = encode_message(_update(f"valid-{k}", k, seed=k, worker=WORKERS[k % len(WORKERS)]))
     parts = split_payload(payload, CHUNK_SIZE) if chunked else [payload]
     return Case(f"valid_{k}", "", tuple(parts))
 

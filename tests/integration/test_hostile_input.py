@@ -13,7 +13,7 @@ import pytest
 from hostile_input import (
     INITIAL,
     MAX_MESSAGE_BYTES,
-    WORKER,
+    WORKERS,
     Case,
     dead_letters,
     job,
@@ -54,7 +54,8 @@ class _Federation:
         transport.subscribe(TOPOLOGY.jobs)
         transport.subscribe(TOPOLOGY.updates)
         self.sender = MemoryTransport(memory, TOPOLOGY)
-        self.sender.declare_worker(WORKER)
+        for worker in WORKERS:
+            self.sender.declare_worker(worker)
         self.dead = MemoryTransport(memory, TOPOLOGY)
         self.dead.subscribe(TOPOLOGY.dead)
         self.state_dir = state_dir

@@ -1,20 +1,32 @@
-"""A job that cannot progress is visible and ends: a non-finite model ends the job as `diverged`,
-a non-finite evaluation is counted and kept out of tasks, a job without new versions is stalled."""
+"""A job that cannot progress is visible: a version that is not finite is never published (the
+job goes on from the last good one), a non-finite evaluation is counted and kept out of tasks,
+a job without new versions is stalled."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from batchnorm_model import REFERENCE
 from known_task_key import task_id, use_known_key
-from memory_job import JOB_ID, TOPOLOGY, broker_with_job, fedbuff_spec, read_history, send_delta
+from memory_job import (
+    JOB_ID,
+    TOPOLOGY,
+    broker_with_job,
+    dead_letters,
+    fedbuff_spec,
+    read_history,
+    send_delta,
+)
 from prometheus_client import CollectorRegistry
 
+import aggregator.state as state_module
 from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
@@ -67,33 +79,83 @@ def _tasks_sent(memory: MemoryBroker, worker_id: str = "w0") -> list[Task]:
     return tasks
 
 
-def test_a_global_model_that_overflows_to_inf_ends_the_job_as_diverged(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def _rejections(state_dir: Path) -> list[dict[str, str]]:
+    path = state_dir / "jobs" / JOB_ID / "rejections.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_finite_updates_near_the_float32_limit_never_make_a_version_that_is_not_finite(
+    tmp_path: Path,
 ) -> None:
-    memory, sender = broker_with_job(fedbuff_spec(buffer_size=2, max_versions=10))
+    # Before, the float32 sum of two 3e38 deltas overflowed: the model was Inf, the job ended as
+    # diverged, and every honest update after it would have been useless.
+    memory, sender = broker_with_job(fedbuff_spec(buffer_size=2, max_versions=3))
     service, registry = _aggregator(memory, tmp_path)
     service.run_until_idle()
 
-    # Finite updates whose sum overflows float32: the new version holds Inf.
+    send_delta(sender, "u1", 0, 3e38)
+    send_delta(sender, "u2", 0, 3e38)
+    send_delta(sender, "u3", 1, 3e38)  # 3e38 + 3e38 is past float32's 3.4e38
+    for update_id in ("u4", "u5", "u6", "u7"):
+        send_delta(sender, update_id, 1, -1.0)
+    service.run_until_idle()
+
+    run = tmp_path / "jobs" / JOB_ID
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_versions" and summary["versions"] == 3
+    assert [h["update_ids"] for h in read_history(tmp_path)[1:]] == [
+        ["u1", "u2"],
+        ["u4", "u5"],
+        ["u6", "u7"],
+    ]
+    assert [(r["update_id"], r["reason"]) for r in _rejections(tmp_path)] == [
+        ("u3", "out_of_range")
+    ]
+    assert [reason for reason, _ in dead_letters(memory)] == ["out_of_range"]
+    rejected = "fedq_aggregator_updates_rejected_total"
+    assert registry.get_sample_value(rejected, {"reason": "out_of_range"}) == 1
+    assert registry.get_sample_value("fedq_aggregator_models_nonfinite_total") == 0
+    assert all(t.model.version < 3 for t in _tasks_sent(memory))
+
+
+def test_a_candidate_version_that_is_not_finite_is_discarded_and_the_job_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checks on updates keep a float32 model finite; the last line of defence is shown with
+    # an aggregation step that makes NaN once (a bug, or a float64 model's sum overflowing).
+    real_step = state_module.fedbuff_step
+    calls = itertools.count()
+
+    def nan_once(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        out = real_step(*args, **kwargs)
+        if next(calls) == 0:
+            out = {n: np.full_like(a, np.nan) if a.dtype.kind == "f" else a for n, a in out.items()}
+        return out
+
+    monkeypatch.setattr(state_module, "fedbuff_step", nan_once)
+    memory, sender = broker_with_job(fedbuff_spec(buffer_size=2, max_versions=1))
+    service, registry = _aggregator(memory, tmp_path)
+    service.run_until_idle()
+
     with caplog.at_level(logging.WARNING, logger="aggregator.service"):
-        send_delta(sender, "u1", 0, 3e38)
-        send_delta(sender, "u2", 0, 3e38)
+        for update_id in ("u1", "u2", "u3", "u4"):
+            send_delta(sender, update_id, 0, 0.5)
         service.run_until_idle()
 
     run = tmp_path / "jobs" / JOB_ID
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["stop_reason"] == "diverged"
-    assert summary["versions"] == 1
-    assert [h["version"] for h in read_history(tmp_path)] == [0, 1]
-    assert (run / "model.safetensors").exists()
-    assert service.jobs_done == 1 and service.status()["state"] == "idle"
-    assert registry.get_sample_value("fedq_aggregator_models_nonfinite_total") == 1
-    assert registry.get_sample_value("fedq_aggregator_evaluations_nonfinite_total") == 0
-    diverged = [r for r in caplog.records if "diverged" in r.message]
-    assert len(diverged) == 1 and "holds NaN or Inf" in diverged[0].message
-    # No task ever carried the diverged model.
+    assert summary["stop_reason"] == "max_versions" and summary["versions"] == 1
+    assert [h["update_ids"] for h in read_history(tmp_path)] == [[], ["u3", "u4"]]
+    assert [(r["update_id"], r["reason"]) for r in _rejections(tmp_path)] == [
+        ("u1", "version_not_finite"),
+        ("u2", "version_not_finite"),
+    ]
+    assert registry.get_sample_value("fedq_aggregator_versions_discarded_total") == 1
+    assert registry.get_sample_value("fedq_aggregator_models_nonfinite_total") == 0
+    warned = [r.message for r in caplog.records if "NaN or Inf" in r.message]
+    assert len(warned) == 1 and "u1, u2" in warned[0] and "stays version 0" in warned[0]
     tasks = _tasks_sent(memory)
-    assert tasks and all(t.version == 0 for t in tasks)
+    assert all(np.isfinite(a).all() for t in tasks for a in t.model.tensors.values())
 
 
 def _bn_spec() -> JobSpec:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hostile_input import MAX_MESSAGE_BYTES, WORKER, Case, job, sequence
+from hostile_input import MAX_MESSAGE_BYTES, WORKERS, Case, job, sequence
 from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
 from rabbitmq_scratch import Scratch
@@ -71,7 +71,8 @@ class _Aggregator:
 def _start(scratch: Scratch, state_dir: Path) -> tuple[_Aggregator, RabbitMQTransport]:
     aggregator = _Aggregator(scratch, state_dir)
     sender = scratch.transport()
-    sender.declare_worker(scratch.worker(WORKER))
+    for worker in WORKERS:
+        sender.declare_worker(scratch.worker(worker))
     sender.publish(scratch.topology.jobs, JOB_ROUTING_KEY, encode_message(job()))
     # Updates go out once the job runs: before, they would be rejected as unknown_job.
     aggregator.drive(lambda: aggregator.value("fedq_aggregator_job_running") == 1)

@@ -11,6 +11,7 @@ from aggregator.aggregation import (
     AXPY_CHUNK,
     WeightedSum,
     apply_delta,
+    cast_like,
     fedavg,
     fedbuff_step,
     mix,
@@ -177,3 +178,107 @@ def test_tensors_longer_than_one_slice_and_views_are_summed_whole() -> None:
 
     np.testing.assert_allclose(total.sums["big"], 2.5 * big, rtol=1e-6)
     np.testing.assert_allclose(total.sums["t"], 2.5 * transposed, rtol=1e-6)
+
+
+def test_float32_values_near_the_largest_float32_are_averaged_without_overflow() -> None:
+    # 1,000 samples x 3e38 is far past float32's 3.4e38: the sum widens to float64.
+    big = np.float32(3e38)
+    updates = [(_model([big, -big]), 1000.0), (_model([big, big]), 3000.0)]
+
+    result = fedavg(updates, _model([0.0, 0.0]))
+
+    assert result["w"].dtype == np.float32
+    np.testing.assert_allclose(result["w"], [3e38, 1.5e38], rtol=1e-6)
+
+
+def _plain_float32_mean(updates: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """What a float32 accumulator gives: each product and each sum rounded to float32."""
+    total = np.zeros_like(updates[0][0])
+    for value, weight in updates:
+        total += value * np.float32(weight)
+    out: np.ndarray = (total / np.float32(sum(w for _, w in updates))).astype(np.float32)
+    return out
+
+
+def _ordinary_updates(size: int) -> list[tuple[np.ndarray, float]]:
+    rng = np.random.default_rng(7)
+    return [(rng.normal(size=size).astype(np.float32), 10.0 + 3 * i) for i in range(6)]
+
+
+def test_ordinary_float32_updates_give_the_bits_of_a_plain_float32_sum() -> None:
+    updates = _ordinary_updates(AXPY_CHUNK + 1000)
+    with_bound = WeightedSum({"w": updates[0][0]})
+
+    result = fedavg([({"w": v}, w) for v, w in updates], {"w": updates[0][0]})
+    for value, weight in updates:
+        with_bound.add({"w": value}, weight, max_abs={"w": float(np.abs(value).max())})
+
+    np.testing.assert_array_equal(result["w"], _plain_float32_mean(updates))
+    np.testing.assert_array_equal(with_bound.mean()["w"], _plain_float32_mean(updates))
+    assert with_bound.sums["w"].dtype == np.float32 and with_bound.widened == []
+
+
+def test_a_float32_sum_widens_to_float64_when_its_bound_could_overflow() -> None:
+    big = np.float32(3e38)
+    first, huge = np.array([1.5, -2.0], np.float32), np.array([big, -big], np.float32)
+    total = WeightedSum(_model([0.0, 0.0]))
+
+    total.add(_model([1.5, -2.0]), 7.0, max_abs={"w": 2.0})
+    assert total.sums["w"].dtype == np.float32
+    total.add({"w": huge, "steps": np.array(1)}, 1e9, max_abs={"w": 3e38})
+
+    assert total.widened == ["w"] and total.sums["w"].dtype == np.float64
+    # What was summed before it widened is kept exactly; the rest is float64 math.
+    expected = (7.0 * first.astype(np.float64) + 1e9 * huge.astype(np.float64)) / (7.0 + 1e9)
+    np.testing.assert_allclose(total.mean()["w"], expected, rtol=1e-15)
+    assert np.isfinite(cast_like(total.mean(), _model([0.0, 0.0]))["w"]).all()
+
+
+def test_without_max_abs_a_float32_sum_widens_at_the_slice_that_would_overflow() -> None:
+    values = np.ones(2 * AXPY_CHUNK + 5, np.float32)
+    values[AXPY_CHUNK + 3] = 3e38
+    total = WeightedSum({"w": values})
+
+    total.add({"w": values}, 1000.0)
+    total.add({"w": values}, 3000.0)
+
+    assert total.widened == ["w"]
+    mean = fedavg([({"w": values}, 1000.0), ({"w": values}, 3000.0)], {"w": values})
+    np.testing.assert_array_equal(total.mean()["w"].astype(np.float32), values)
+    np.testing.assert_array_equal(mean["w"], values)
+
+
+def test_reset_narrows_a_widened_sum_and_ordinary_updates_give_float32_bits_again() -> None:
+    total = WeightedSum({"w": np.zeros(3, np.float32)})
+    total.add({"w": np.full(3, 3e38, np.float32)}, 1e9, max_abs={"w": 3e38})
+    assert total.widened == ["w"]
+
+    total.reset()
+    updates = _ordinary_updates(3)
+    for value, weight in updates:
+        total.add({"w": value}, weight, max_abs={"w": float(np.abs(value).max())})
+
+    assert total.widened == [] and total.sums["w"].dtype == np.float32
+    np.testing.assert_array_equal(total.mean()["w"], _plain_float32_mean(updates))
+
+
+def test_float16_tensors_need_no_max_abs_to_stay_summed_in_float32() -> None:
+    total = WeightedSum({"h": np.zeros(2, np.float16)})
+
+    for _ in range(3):
+        total.add({"h": np.array([65504, -65504], np.float16)}, 1e9)
+
+    assert total.widened == [] and total.sums["h"].dtype == np.float32
+    np.testing.assert_allclose(total.sums["h"], [3 * 65504e9, -3 * 65504e9], rtol=1e-6)
+
+
+def test_a_fedbuff_step_of_deltas_near_the_largest_float32_stays_finite() -> None:
+    big = np.float32(3e38)
+    buffer = WeightedSum(_model([0.0, 0.0]))
+    buffer.add(_model([big, big]), 1000.0, norm=1000.0)
+    buffer.add(_model([big, -big]), 1000.0, norm=1000.0)
+
+    result = fedbuff_step(_model([1.0, 1.0]), buffer, server_lr=1.0)
+
+    assert result["w"].dtype == np.float32
+    np.testing.assert_allclose(result["w"], [3e38, 1.0], rtol=1e-6)
