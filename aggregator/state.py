@@ -102,11 +102,12 @@ class WorkerInfo:
 
 @dataclass
 class _Pending:
-    """Updates folded since the last version: ids, staleness and the train losses."""
+    """Updates folded since the last version: ids, staleness, train losses and task slots."""
 
     update_ids: list[str] = field(default_factory=list)
     staleness: list[int] = field(default_factory=list)
     losses: list[tuple[float, int]] = field(default_factory=list)
+    slots: list[str] = field(default_factory=list)
 
 
 class JobState:
@@ -153,6 +154,9 @@ class JobState:
         # What accepted updates answered (see _task_slot), in the order used: one update each.
         self.used_tasks: set[str] = set()
         self._used_order: list[str] = []
+        # Slots of updates whose version was discarded (never published): usable once more, so
+        # a FedAvg round run again takes its workers' new updates.
+        self._released: set[str] = set()
         # fedavg: workers that let a task pass its round's deadline without an update; rounds
         # do not wait for them until they send one. The newly added, for the service to count.
         self.missed_deadline: set[str] = set()
@@ -266,7 +270,12 @@ class JobState:
                 self._remember(update.update_id)
             return rejection
         self._remember(update.update_id)
-        self._use(self._task_slot(update))
+        slot = self._task_slot(update)
+        if slot in self._released:
+            self._released.discard(slot)
+        else:
+            self._use(slot)
+        self._pending.slots.append(slot)
         self.missed_deadline.discard(update.worker_id)
         staleness = self.version - update.base_version
         self.note_worker(update.worker_id, now, update.num_samples)
@@ -313,7 +322,8 @@ class JobState:
         if not self.tasks.verify(update.task_id, update.worker_id, update.base_version):
             detail = f"task {update.task_id!r} was not issued to {update.worker_id!r} at version"
             return no("unknown_task", f"{detail} {update.base_version}")
-        if self._task_slot(update) in self.used_tasks:
+        slot = self._task_slot(update)
+        if slot in self.used_tasks and slot not in self._released:
             if self.round is not None:
                 detail = (
                     f"{update.worker_id!r} already sent an update for round {update.base_version}"
@@ -451,6 +461,7 @@ class JobState:
             f"published; the {len(p.update_ids)} updates folded into it are let go"
         )
         self._discarded.append(Discarded(tuple(p.update_ids), "version_not_finite", detail))
+        self._released.update(p.slots)
         self._pending = _Pending()
         self._buffer.reset()
         if self.round is not None:
@@ -535,6 +546,8 @@ class JobState:
             "pending_update_ids": list(p.update_ids),
             "pending_staleness": list(p.staleness),
             "pending_losses": [[loss, n] for loss, n in p.losses],
+            "pending_slots": list(p.slots),
+            "released_tasks": sorted(self._released),
             # The live list, in the order seen, not a copy: the checkpoint store writes only the
             # ids it has not logged yet, so a checkpoint's cost does not grow with the job.
             "seen_update_ids": self._seen_order,
@@ -569,7 +582,10 @@ class JobState:
             list(snap["pending_update_ids"]),
             list(snap["pending_staleness"]),
             [(float(loss), int(n)) for loss, n in snap["pending_losses"]],
+            # Checkpoints written before task slots were kept have none (nor released ones).
+            list(snap.get("pending_slots", [])),
         )
+        self._released = set(snap.get("released_tasks", []))
         self._seen_order = list(snap["seen_update_ids"])
         self.seen_update_ids = set(self._seen_order)
         # Checkpoints written before task ids were checked have none: none was used.

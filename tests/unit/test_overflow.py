@@ -14,12 +14,14 @@ from shared.messages import MAX_NUM_SAMPLES, Job, Update
 
 _ids = itertools.count()
 BIG = 3e38  # finite in float32 (largest 3.4e38); twice it is not
+KEY = bytes(range(32))  # one task key for every state, so a restored one knows the tasks
 
 
 def _state(dtype: type = np.float32, **strategy: object) -> JobState:
     spec = JobSpec(strategy=StrategyConfig(**strategy))  # type: ignore[arg-type]
     initial = {"w": np.zeros(3, dtype), "steps": np.array(0, np.int64)}
-    return JobState(Job("job1", spec), initial, started_at=0.0, worker_timeout_s=60)
+    job = Job("job1", spec)
+    return JobState(job, initial, started_at=0.0, worker_timeout_s=60, task_key=KEY)
 
 
 def _update(
@@ -29,7 +31,7 @@ def _update(
         job_id="job1",
         update_id=f"u{next(_ids)}",
         worker_id=worker,
-        task_id="t",
+        task_id=state.tasks.issue(worker, state.version),
         base_version=state.version,
         round=None,
         kind=kind,
