@@ -89,7 +89,13 @@ def dead_letter_headers(
     """The headers of a service's dead-lettered copy: the sender's own, less every x- header
     (a sender could forge x-fedq-reason or x-death), plus the reason, the source queue, the
     detail and the sender's broker-validated user_id (docs/protocol.md 1.3)."""
-    kept = {k: v for k, v in headers.items() if not k.startswith(RESERVED_HEADER_PREFIX)}
+    # A key that is not valid UTF-8 reaches us as bytes (pika): never one of ours, and it may
+    # not encode again, so it goes with the x- ones.
+    kept = {
+        k: v
+        for k, v in headers.items()
+        if isinstance(k, str) and not k.startswith(RESERVED_HEADER_PREFIX)
+    }
     kept |= {REASON_HEADER: reason, SOURCE_HEADER: queue}
     if detail:
         kept[DETAIL_HEADER] = detail[:MAX_DETAIL]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hostile_input import _update, job
+from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
 from rabbitmq_scratch import Vhost
 
@@ -37,7 +38,7 @@ def test_a_flood_of_never_completed_chunk_sets_does_not_keep_an_honest_update_ou
     t = vhost.topology
     transport = vhost.transport(stamp_user_id=True)
     settings = AggregatorSettings(
-        state_dir=str(tmp_path),
+        state_dir=str(use_known_key(tmp_path)),
         require_user_id=True,
         max_message_bytes=MAX_MESSAGE_BYTES,
         max_chunk_pending_bytes=4 * MAX_MESSAGE_BYTES,

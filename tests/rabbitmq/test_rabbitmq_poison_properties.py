@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hostile_input import JOB_ID, _update, job
 from hostile_properties import ODD, POISON, RawProperties, properties
+from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
 from rabbitmq_scratch import Vhost, ctl
 
@@ -49,7 +50,8 @@ def _publish_raw(channel: Any, exchange: str, key: str, body: bytes, encoded: by
 def _aggregator(site: Vhost, state_dir: Path) -> tuple[AggregatorService, CollectorRegistry]:
     transport = site.transport(stamp_user_id=True)
     registry = CollectorRegistry()
-    settings = AggregatorSettings(state_dir=str(state_dir), require_user_id=True)
+    # The known task key: the updates below answer tasks signed with it.
+    settings = AggregatorSettings(state_dir=str(use_known_key(state_dir)), require_user_id=True)
     service = AggregatorService(transport, settings, AggregatorMetrics(registry))
     transport.declare()
     transport.subscribe(site.topology.jobs)

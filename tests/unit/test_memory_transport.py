@@ -19,7 +19,7 @@ from broker.topology import (
     Topology,
     read_dead_letter,
 )
-from broker.transport import Delivery
+from broker.transport import Delivery, dead_letter_headers
 from shared.chunks import split_payload
 from shared.errors import PublishError, TransportError
 
@@ -390,3 +390,18 @@ def test_a_broker_made_dead_letter_is_read_from_its_x_death_not_its_publishers_h
 
     assert read_dead_letter(headers) == DeadLetter("rejected", "test.tasks.w0", "broker")
     assert read_dead_letter({}) == DeadLetter("unknown", "", "unknown")
+
+
+def test_header_keys_that_are_not_text_are_dropped_from_a_dead_letter_not_a_crash() -> None:
+    # pika hands over a key that is not valid UTF-8 as bytes; one like it once crashed this.
+    sent = {b"\xff\xfe": "odd", b"x-fedq-reason": "forged", "origin": "site-a"}
+
+    headers = dead_letter_headers(sent, "bad_tensor", "fedq.updates", "detail", "site-a")
+
+    assert headers == {
+        "origin": "site-a",
+        REASON_HEADER: "bad_tensor",
+        SOURCE_HEADER: "fedq.updates",
+        DETAIL_HEADER: "detail",
+        USER_ID_HEADER: "site-a",
+    }
