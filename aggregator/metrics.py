@@ -15,7 +15,7 @@ JOB_STATES = ("idle", "running")
 # The reasons of workers' failure reports counted apart (others count as "other"). The metric
 # also has the aggregator's own findings: "no_task_queue", a task no queue is bound for, and
 # "missed_deadline", a worker that let a FedAvg round's deadline pass without an update.
-FAILURE_REASONS = ("data_mismatch", "model_not_allowed", "training_error")
+FAILURE_REASONS = ("data_mismatch", "model_not_allowed", "training_error", "wrong_worker")
 
 
 class AggregatorMetrics:

@@ -81,6 +81,9 @@ class _Running:
     stalled: str | None = None
     diverged: str | None = None
     evaluations_nonfinite: int = 0
+    # Updates of candidate versions discarded as not finite (rejections.jsonl's
+    # version_not_finite); checkpointed with the state that no longer holds them.
+    updates_discarded: int = 0
     # A stop reason the service decided on (an operator's cancel), ahead of the stop rules,
     # and what job-outcomes.jsonl says about it.
     stop_requested: str | None = None
@@ -631,6 +634,7 @@ class AggregatorService:
             "bytes_sent": running.bytes_sent,
             "unwritten_history": list(running.unwritten),
             "last_evaluated": running.last_evaluated,
+            "updates_discarded": running.updates_discarded,
         }
         snap = running.state.snapshot(self.clock())
         running.checkpoints.save(running.job.job_id, snap, figures)
@@ -838,6 +842,7 @@ class AggregatorService:
         updates listed in rejections.jsonl; the job goes on from the last good version."""
         for discarded in running.state.take_discarded():
             self.metrics.versions_discarded.inc()
+            running.updates_discarded += len(discarded.update_ids)
             logger.warning(
                 "job %s: %s (updates %s); the model stays version %d and the job goes on",
                 running.job.job_id,
@@ -911,6 +916,7 @@ class AggregatorService:
             "updates_rejected": sum(state.rejected.values()),
             "rejected_by_reason": dict(state.rejected),
             "updates_unfolded": len(state.pending_update_ids),
+            "updates_discarded": running.updates_discarded,
             "workers": sorted(state.workers),
             "wall_time_s": self.clock() - state.started_at,
             "bytes_received": running.bytes_received,
@@ -973,6 +979,7 @@ def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
     running.bytes_sent = int(figures["bytes_sent"])
     running.last_evaluated = figures.get("last_evaluated")
     running.best_version = figures.get("best_version")
+    running.updates_discarded = int(figures.get("updates_discarded", 0))
     # The best model is written as soon as its evaluation is in, which may be after the
     # checkpoint: the file on disk, not the checkpoint, says which version it holds.
     best = running.output.model_metadata(BEST_MODEL_FILE)

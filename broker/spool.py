@@ -7,8 +7,9 @@ acked, and the broker forgets it; the spool is then the only copy until the reas
 is settled, which deletes the set's files. After a crash the spool is read back and its sets are
 reassembled again, so an update in chunks is folded exactly once, as one in a single message is.
 
-Layout: one directory per set, named by the SHA-256 of its message id (ids are sender-chosen
-strings, never paths), with one file per envelope: a msgpack map of the envelope's body and the
+Layout: one directory per set, named by the SHA-256 of its sender and message id (ids are
+sender-chosen strings, never paths; two senders' sets with one message id are two sets), with one
+file per envelope: a msgpack map of the envelope's body and the
 AMQP fields the receiver needs (queue, headers, user_id).
 """
 
@@ -59,9 +60,11 @@ class ChunkSpool:
         queue: str,
         headers: dict[str, Any],
         user_id: str | None,
+        sender: str = "",
     ) -> Path:
-        """Write one envelope durably (file and directory fsynced); return its path."""
-        folder = self._folder(message_id)
+        """Write one envelope of `sender`'s set durably (file and directory fsynced); return
+        its path."""
+        folder = self._folder(sender, message_id)
         new_folder = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         record = {
@@ -101,9 +104,9 @@ class ChunkSpool:
             written_at=path.stat().st_mtime,
         )
 
-    def drop(self, message_id: str) -> None:
-        """Delete a set's envelopes (settled, dead-lettered or expired)."""
-        shutil.rmtree(self._folder(message_id), ignore_errors=True)
+    def drop(self, message_id: str, sender: str = "") -> None:
+        """Delete a sender's set's envelopes (settled, dead-lettered or expired)."""
+        shutil.rmtree(self._folder(sender, message_id), ignore_errors=True)
 
     def load(self) -> list[tuple[Path, SpooledEnvelope]]:
         """Every spooled envelope, oldest first; unreadable files are logged and removed."""
@@ -120,8 +123,9 @@ class ChunkSpool:
         found.sort(key=lambda item: item[1].written_at)
         return found
 
-    def _folder(self, message_id: str) -> Path:
-        return self.directory / hashlib.sha256(message_id.encode()).hexdigest()[:32]
+    def _folder(self, sender: str, message_id: str) -> Path:
+        name = msgpack.packb([sender, message_id], use_bin_type=True)
+        return self.directory / hashlib.sha256(name).hexdigest()[:32]
 
 
 def monotonic_of(wall_time: float) -> float:

@@ -77,6 +77,7 @@ class _SetHandle:
     """Settles a reassembled message, whose envelopes were each acked as they arrived."""
 
     message_id: str
+    sender: str
 
 
 RejectHook = Callable[[str], None]
@@ -213,7 +214,7 @@ class Transport(ABC):
         """Acknowledge a delivery: the broker (or the chunk spool) forgets it."""
         for handle in delivery.handles:
             if isinstance(handle, _SetHandle):
-                self._drop_set(handle.message_id)
+                self._drop_set(handle.message_id, handle.sender)
             else:
                 self._settle_raw(handle, ack=True, requeue=False)
 
@@ -228,7 +229,7 @@ class Transport(ABC):
             else:
                 # Its envelopes are acked, so the broker cannot dead-letter it any more.
                 self._dead_letter_set(delivery, "rejected", "")
-                self._drop_set(handle.message_id)
+                self._drop_set(handle.message_id, handle.sender)
 
     def reject(self, delivery: Delivery, reason: str, detail: str = "") -> None:
         """Dead-letter a delivery with its reason in a header, then ack it: nothing is lost.
@@ -310,9 +311,9 @@ class Transport(ABC):
             except ChunkError:
                 path.unlink(missing_ok=True)  # only valid envelopes are ever spooled
                 continue
-            if self._reassembler.holds(chunk):
-                continue
             held = _Held(b"", envelope.queue, envelope.headers, envelope.user_id, True, path)
+            if self._reassembler.holds(chunk, self._sender(held)):
+                continue
             whole = self._hold(chunk, held, monotonic_of(envelope.written_at))
             if whole is not None:
                 self._ready.append(whole)
@@ -331,11 +332,11 @@ class Transport(ABC):
             logger.warning("rejecting a chunk from %s: %s", raw.queue, e)
             self._reject_raws([raw], e.reason, str(e))
             return None
-        if self._reassembler.holds(chunk):
+        held = _Held(raw.body, raw.queue, raw.headers, raw.user_id, raw.redelivered)
+        if self._reassembler.holds(chunk, self._sender(held)):
             # A redelivery of an envelope already held (its ack was lost): settle it again.
             self._settle_raw(raw.handle, ack=True, requeue=False)
             return None
-        held = _Held(raw.body, raw.queue, raw.headers, raw.user_id, raw.redelivered)
         whole = self._hold(chunk, held)
         # Held (durably, with a spool): the broker may forget it, whatever the set's size.
         self._settle_raw(raw.handle, ack=True, requeue=False)
@@ -359,20 +360,27 @@ class Transport(ABC):
         return decode_chunk(body).data
 
     def _hold(self, chunk: Chunk, held: _Held, started: float | None = None) -> Delivery | None:
-        """Add an envelope to its set; return the message if it completed the set."""
+        """Add an envelope to its sender's set; return the message if it completed the set."""
+        sender = self._sender(held)
         try:
-            done = self._reassembler.add(chunk, held, started, self._sender(held))
+            done = self._reassembler.add(chunk, held, started, sender)
         except ChunkSetError as e:
             if e.first:
                 logger.warning(
                     "rejecting chunk set %s from %s: %s", chunk.message_id, held.queue, e
                 )
             self._dead_letter_held(e.keys, e.reason, str(e), count=e.first)
-            self._drop_set(chunk.message_id)
+            self._drop_set(chunk.message_id, sender)
             return None
         if held.path is None and self._spool is not None:
             held.path = self._spool.save(
-                chunk.message_id, chunk.index, held.body, held.queue, held.headers, held.user_id
+                chunk.message_id,
+                chunk.index,
+                held.body,
+                held.queue,
+                held.headers,
+                held.user_id,
+                sender,
             )
             held.body = b""
         if done is None:
@@ -382,21 +390,21 @@ class Transport(ABC):
         return Delivery(
             payload,
             first.queue,
-            [_SetHandle(chunk.message_id)],
+            [_SetHandle(chunk.message_id, sender)],
             first.headers,
             any(h.redelivered for h in helds),
             first.user_id,
         )
 
-    def _drop_set(self, message_id: str) -> None:
+    def _drop_set(self, message_id: str, sender: str) -> None:
         if self._spool is not None:
-            self._spool.drop(message_id)
+            self._spool.drop(message_id, sender)
 
     def _expire_chunks(self) -> None:
         for message_id, helds, detail in self._reassembler.expire():
             logger.warning("chunk set %s dead-lettered: %s", message_id, detail)
             self._dead_letter_held(helds, "incomplete_chunks", detail, count=True)
-            self._drop_set(message_id)
+            self._drop_set(message_id, self._sender(helds[0]))
 
     def _dead_letter_held(self, helds: list[_Held], reason: str, detail: str, count: bool) -> None:
         """Publish held envelopes, unchanged, to the dead exchange with the reason headers.

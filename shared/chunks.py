@@ -121,9 +121,12 @@ _REFUSED_MEMORY = 4096
 
 
 class Reassembler(Generic[K]):
-    """Collects chunks by message id; `add` returns the whole payload once its set is complete.
+    """Collects chunks by sender and message id; `add` returns the whole payload once its set
+    is complete.
 
     Each chunk comes with a key (what the caller needs to dead-letter it later) and its sender.
+    A set is its sender's alone: an envelope from another sender with the same message id is
+    another set (it can neither complete, corrupt nor claim the first).
     The limits (docs/protocol.md section 7.3) are checked when a set starts, never by pushing out
     sets that are already held: a set whose `total_size` is above `max_set_bytes` is refused as
     `too_large`; one that would give its sender more than `max_sets_per_sender` incomplete sets
@@ -156,8 +159,8 @@ class Reassembler(Generic[K]):
         )
         self.idle_s = max_age_s if idle_s is None else idle_s
         self.load: Callable[[K], bytes] | None = None
-        self._partials: OrderedDict[str, _Partial[K]] = OrderedDict()
-        self._refused: OrderedDict[str, ChunkError] = OrderedDict()
+        self._partials: OrderedDict[tuple[str, str], _Partial[K]] = OrderedDict()
+        self._refused: OrderedDict[tuple[str, str], ChunkError] = OrderedDict()
         # sender -> [incomplete sets, their declared bytes]
         self._senders: dict[str, list[int]] = {}
         self._pending_bytes = 0
@@ -173,9 +176,9 @@ class Reassembler(Generic[K]):
         """Incomplete chunk sets held."""
         return len(self._partials)
 
-    def holds(self, chunk: Chunk) -> bool:
-        """Whether this envelope's index of its set is already held (a redelivery)."""
-        partial = self._partials.get(chunk.message_id)
+    def holds(self, chunk: Chunk, sender: str = "") -> bool:
+        """Whether this envelope's index of its sender's set is already held (a redelivery)."""
+        partial = self._partials.get((sender, chunk.message_id))
         return partial is not None and chunk.index in partial.parts
 
     def add(
@@ -186,19 +189,20 @@ class Reassembler(Generic[K]):
         Raises ChunkSetError (after forgetting the set) if the set is refused, inconsistent or
         its checksum fails; the error's `keys` lists the chunks to dead-letter and `first` says
         whether this is the first error of the set (to be counted once). `started` backdates a
-        new set (a set restored from disk keeps its age). A set belongs to the sender of its
-        first envelope.
+        new set (a set restored from disk keeps its age). Sets are keyed by (sender, message
+        id): envelopes of other senders never join a set.
         """
-        refused = self._refused.get(chunk.message_id)
+        set_key = (sender, chunk.message_id)
+        refused = self._refused.get(set_key)
         if refused is not None:
             raise ChunkSetError(str(refused), [key], refused.reason, first=False)
         now = time.monotonic()
-        partial = self._partials.get(chunk.message_id)
+        partial = self._partials.get(set_key)
         if partial is None:
             self._admit(chunk, key, sender)
             when = now if started is None else started
             partial = _Partial(chunk.count, chunk.total_size, chunk.sha256, when, sender, now)
-            self._partials[chunk.message_id] = partial
+            self._partials[set_key] = partial
             self._reserved_bytes += chunk.total_size
             tally = self._senders.setdefault(sender, [0, 0])
             tally[0] += 1
@@ -210,7 +214,7 @@ class Reassembler(Generic[K]):
             partial.total_size,
             partial.sha256,
         ):
-            raise self._fail(chunk.message_id, "chunk disagrees with its set on count or size")
+            raise self._fail(set_key, "chunk disagrees with its set on count or size")
         if chunk.index in partial.parts:
             # A redelivered duplicate: its bytes are already held.
             return None
@@ -218,10 +222,10 @@ class Reassembler(Generic[K]):
         partial.size += len(chunk.data)
         self._pending_bytes += len(chunk.data)
         if partial.size > partial.total_size:
-            raise self._fail(chunk.message_id, "chunks hold more bytes than the set's total size")
+            raise self._fail(set_key, "chunks hold more bytes than the set's total size")
         if len(partial.parts) < partial.count:
             return None
-        self._forget(chunk.message_id)
+        self._forget(set_key)
         payload = self._join(partial)
         if len(payload) != partial.total_size or hashlib.sha256(payload).digest() != partial.sha256:
             raise ChunkSetError("chunk set checksum mismatch", partial.keys)
@@ -242,7 +246,7 @@ class Reassembler(Generic[K]):
         error = self._over_limit(chunk, sender)
         if error is None:
             return
-        self._refused[chunk.message_id] = error
+        self._refused[(sender, chunk.message_id)] = error
         while len(self._refused) > _REFUSED_MEMORY:
             self._refused.popitem(last=False)
         raise ChunkSetError(str(error), [key], error.reason)
@@ -283,19 +287,19 @@ class Reassembler(Generic[K]):
         keys and why."""
         now = time.monotonic() if now is None else now
         dropped: list[tuple[str, list[K], str]] = []
-        for message_id in list(self._partials):
-            partial = self._partials[message_id]
+        for set_key in list(self._partials):
+            partial = self._partials[set_key]
             if now - partial.started > self.max_age_s:
                 why = f"incomplete after {self.max_age_s:g} s"
             elif now - partial.last > self.idle_s:
                 why = f"no envelope of the set for {self.idle_s:g} s"
             else:
                 continue
-            dropped.append((message_id, self._forget(message_id).keys, why))
+            dropped.append((set_key[1], self._forget(set_key).keys, why))
         return dropped
 
-    def _forget(self, message_id: str) -> _Partial[K]:
-        partial = self._partials.pop(message_id)
+    def _forget(self, set_key: tuple[str, str]) -> _Partial[K]:
+        partial = self._partials.pop(set_key)
         self._pending_bytes -= partial.size
         self._reserved_bytes -= partial.total_size
         tally = self._senders[partial.sender]
@@ -305,8 +309,8 @@ class Reassembler(Generic[K]):
             del self._senders[partial.sender]
         return partial
 
-    def _fail(self, message_id: str, why: str) -> ChunkSetError:
-        return ChunkSetError(why, self._forget(message_id).keys)
+    def _fail(self, set_key: tuple[str, str], why: str) -> ChunkSetError:
+        return ChunkSetError(why, self._forget(set_key).keys)
 
 
 class ChunkSetError(ChunkError):

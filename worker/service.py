@@ -77,6 +77,9 @@ class WorkerService:
         # A worker's account may not write the dead exchange (`fedq broker add-worker`): a task
         # it refuses is dead-lettered by the broker, with an x-death header naming its queue.
         transport.dead_letters_by_broker = True
+        # Every task the transport refuses is counted here, once: its own (bad_properties,
+        # bad_chunk, incomplete_chunks) and those _refuse hands it.
+        transport.on_reject = lambda reason: metrics.tasks_failed.labels(reason).inc()
         self.settings = settings
         self.data = data
         self.device = device
@@ -271,7 +274,7 @@ class WorkerService:
         """Refuse a task: the broker dead-letters it (x-death names this worker's queue), and
         the reason goes to the log, the metrics and, for a task it could read, the aggregator."""
         logger.warning("refusing a task from %s (%s): %s", delivery.queue, error.reason, error)
-        self.metrics.tasks_failed.labels(error.reason).inc()
+        # Counted in tasks_failed by the transport's on_reject (set in __init__).
         self.transport.reject(delivery, error.reason, str(error))
         if task is not None:
             detail = str(error)[:MAX_FAILURE_DETAIL]

@@ -145,6 +145,7 @@ def test_a_candidate_version_that_is_not_finite_is_discarded_and_the_job_goes_on
     run = tmp_path / "jobs" / JOB_ID
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stop_reason"] == "max_versions" and summary["versions"] == 1
+    assert (summary["updates_accepted"], summary["updates_discarded"]) == (4, 2)
     assert [h["update_ids"] for h in read_history(tmp_path)] == [[], ["u3", "u4"]]
     assert [(r["update_id"], r["reason"]) for r in _rejections(tmp_path)] == [
         ("u1", "version_not_finite"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from memory_job import (
     TOPOLOGY,
     aggregator,
@@ -17,6 +18,7 @@ from memory_job import (
 )
 from safetensors.numpy import load_file
 
+from aggregator.checkpoint import decode_checkpoint, encode_checkpoint
 from broker import MemoryBroker, MemoryTransport
 
 SPEC = fedbuff_spec(buffer_size=2, max_versions=3)
@@ -146,3 +148,33 @@ def test_an_update_for_a_task_issued_before_a_restart_is_accepted_after_it_and_o
     assert [json.loads(r)["reason"] for r in rejections] == ["task_used", "task_used"]
     assert [h["update_ids"] for h in _history(tmp_path)[1:]] == [["u1", "u2"]]
     assert second.status()["updates_held"] == 1  # u3, in the buffer of the next version
+
+
+def test_a_job_resumed_from_a_checkpoint_whose_model_holds_nan_ends_as_diverged(
+    tmp_path: Path,
+) -> None:
+    memory, sender = _broker()
+    first = _aggregator(memory, tmp_path)
+    first.run_until_idle()
+    _send(sender, "u1", 0)
+    _send(sender, "u2", 0)
+    first.run_until_idle()
+    first.transport.close()
+    tasks_sent(memory)  # the first aggregator's tasks, taken off the queue
+    # A checkpoint written before versions were checked for NaN and Inf.
+    newest = sorted((tmp_path / "jobs" / "job-1" / "checkpoints").glob("*.ckpt"))[-1]
+    job_id, state, figures = decode_checkpoint(newest.read_bytes())
+    name = next(iter(state["model"]))
+    state["model"][name] = np.full_like(state["model"][name], np.nan)
+    newest.write_bytes(encode_checkpoint(job_id, state, figures))
+
+    second = _aggregator(memory, tmp_path)
+    second.run_until_idle()
+    _send(sender, "u3", 1)
+    second.run_until_idle()
+
+    summary = json.loads((tmp_path / "jobs" / "job-1" / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["versions"]) == ("diverged", 1)
+    assert second.metrics.models_nonfinite._value.get() == 1
+    assert all(np.isfinite(a).all() for t in tasks_sent(memory) for a in t.model.tensors.values())
+    assert second.jobs_done == 1

@@ -18,6 +18,7 @@ from aggregator.service import AggregatorService
 from aggregator.settings import AggregatorSettings
 from broker import MemoryBroker, MemoryTransport, Topology
 from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, DeadLetter, read_dead_letter
+from shared.chunks import split_payload
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig, TrainingConfig
 from shared.messages import (
     Failure,
@@ -247,6 +248,7 @@ def test_a_worker_refuses_a_task_meant_for_another_worker_and_reports_why(
     [failure] = _reports(listener)
     assert (failure.worker_id, failure.job_id, failure.task_id) == ("w0", "job", "t1")
     assert (failure.reason, failure.detail) == ("wrong_worker", "task is for worker 'w9'")
+    assert worker.metrics.tasks_failed.labels("wrong_worker")._value.get() == 1
     assert not worker.busy
 
 
@@ -266,6 +268,26 @@ def test_a_worker_refuses_an_unreadable_task_through_the_broker_and_reports_noth
     assert _refused_tasks(memory) == [(DeadLetter("rejected", queue, "broker"), b"\xc1 not a task")]
     assert _reports(listener) == []  # it has no job or task id to report
     assert worker.metrics.tasks_failed.labels("malformed")._value.get() == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_counts_a_task_its_transport_refused_as_a_bad_chunk_set_once(
+    memory: MemoryBroker,
+) -> None:
+    worker = _worker(memory, "w0")
+    worker.start()
+    parts = split_payload(bytes(3000), 1024)
+    envelope = msgpack.unpackb(parts[1])
+    envelope["data"] = b"\x01" + envelope["data"][1:]
+    parts[1] = msgpack.packb(envelope, use_bin_type=True)
+    for part in parts:
+        memory.route(TOPOLOGY.tasks, "w0", part, {})
+
+    worker.step(0.1)
+
+    assert len(_refused_tasks(memory)) == 0  # acked envelopes: a worker may not dead-letter them
+    assert worker.metrics.tasks_failed.labels("bad_chunk")._value.get() == 1
+    assert not worker.busy
 
 
 @pytest.mark.timeout(60)

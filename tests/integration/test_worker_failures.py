@@ -171,3 +171,20 @@ def test_a_failure_for_no_running_job_is_acked_and_an_unknown_reason_counted_as_
 
     assert service.metrics.worker_failures.labels("other")._value.get() == 1
     assert memory.depth(TOPOLOGY.updates) == 0 and memory.depth(TOPOLOGY.dead) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_got_another_workers_task_is_counted_as_wrong_worker(
+    tmp_path: Path,
+) -> None:
+    memory = MemoryBroker()
+    service = aggregator(memory, tmp_path)
+    failure = Failure("w0", "old-job", "t1", "wrong_worker", "task is for worker 'w9'")
+    MemoryTransport(memory, TOPOLOGY).publish(
+        TOPOLOGY.updates, UPDATE_ROUTING_KEY, encode_message(failure)
+    )
+
+    service.run_until_idle()
+
+    assert service.metrics.worker_failures.labels("wrong_worker")._value.get() == 1
+    assert service.metrics.worker_failures.labels("other")._value.get() == 0

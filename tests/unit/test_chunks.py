@@ -498,3 +498,31 @@ def test_with_a_loader_no_chunk_data_is_kept_and_the_set_is_read_back_at_the_end
 
     assert held == [0, 1]
     assert done is not None and done[0] == payload_of(3000)
+
+
+def test_an_envelope_from_another_sender_never_joins_a_set_with_the_same_message_id() -> None:
+    honest = chunks_of(payload_of(3000))
+    forged = Chunk(**{**honest[1].__dict__, "data": b"\x00" * len(honest[1].data)})
+    reassembler: Reassembler[str] = Reassembler()
+    reassembler.add(honest[0], "alice-0", sender="alice")
+
+    joined = reassembler.add(forged, "mallory-1", sender="mallory")
+    held_by_alice = reassembler.holds(forged, "alice")
+    done = [reassembler.add(honest[i], f"alice-{i}", sender="alice") for i in (1, 2)]
+
+    assert joined is None
+    assert held_by_alice is False
+    assert done[-1] == (payload_of(3000), ["alice-0", "alice-1", "alice-2"])
+    assert reassembler.pending_sets == 1  # mallory's own set, which expires as incomplete
+
+
+def test_a_set_refused_for_one_sender_is_not_refused_for_another() -> None:
+    honest = chunks_of(payload_of(3000))
+    reassembler: Reassembler[int] = Reassembler(max_sets_per_sender=1)
+    reassembler.add(first_chunks(1)[0], 0, sender="mallory")
+    refused = refusal(reassembler, honest[0], "mallory")
+
+    done = [reassembler.add(chunk, i, sender="alice") for i, chunk in enumerate(honest)]
+
+    assert refused == "chunk_limit"
+    assert done[-1] is not None and done[-1][0] == payload_of(3000)

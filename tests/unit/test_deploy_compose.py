@@ -215,6 +215,23 @@ def test_every_broker_url_logs_in_as_a_defined_user_with_its_password() -> None:
             assert url.username == service["environment"]["FEDQ_WORKER_ID"], name
 
 
+def test_the_aggregator_takes_jobs_only_from_the_submitter_and_updates_only_under_user_ids() -> (
+    None
+):
+    (aggregator,) = fedq_services("aggregator").values()
+    (submit,) = fedq_services("submit").values()
+    settings = load_settings(AggregatorSettings, None, aggregator["environment"], {})
+    submitter = urlsplit(submit["environment"]["FEDQ_BROKER"]).username
+    defined = {user["name"] for user in definitions()["users"]}
+
+    assert settings.require_user_id is True
+    assert settings.job_submitters == (submitter,)
+    assert submitter in defined
+    assert all(
+        w["environment"]["FEDQ_STAMP_USER_ID"] == "true" for w in fedq_services("worker").values()
+    )
+
+
 # ---------------------------------------------------------------------- Dockerfiles
 
 

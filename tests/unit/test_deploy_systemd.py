@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -218,3 +219,18 @@ def test_unit_and_example_environments_hold_valid_settings(
 def test_the_submit_environment_sets_only_what_fedq_submit_reads() -> None:
     assert set(env_file("submit.env.example")) == {"FEDQ_BROKER", "FEDQ_PREFIX"}
     assert one("fedq-submit.service", "Service", "EnvironmentFile") == "/etc/fedq/submit.env"
+
+
+def test_the_aggregator_takes_jobs_only_from_the_account_the_submit_timer_logs_in_as() -> None:
+    from_unit = dict(
+        line.split("=", 1)
+        for line in directives("fedq-aggregator.service")["Service"].get("Environment", [])
+    )
+    environment = {**from_unit, **env_file("aggregator.env.example")}
+    settings = load_settings(AggregatorSettings, None, environment, {})
+    submitter = urlsplit(env_file("submit.env.example")["FEDQ_BROKER"]).username
+
+    assert settings.require_user_id is True
+    assert settings.job_submitters == (submitter,)
+    worker = directives("fedq-worker@.service")["Service"]["Environment"]
+    assert "FEDQ_STAMP_USER_ID=true" in worker

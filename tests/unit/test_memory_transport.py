@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
 from broker.memory import MemoryBroker, MemoryTransport
+from broker.spool import ChunkSpool
 from broker.topology import (
     DETAIL_HEADER,
     REASON_HEADER,
@@ -20,7 +22,7 @@ from broker.topology import (
     read_dead_letter,
 )
 from broker.transport import Delivery, dead_letter_headers
-from shared.chunks import split_payload
+from shared.chunks import Reassembler, split_payload
 from shared.errors import PublishError, TransportError
 
 TOPOLOGY = Topology("test")
@@ -319,6 +321,27 @@ def test_a_tampered_chunk_set_is_dead_lettered_as_bad_chunk(
     assert {headers[REASON_HEADER] for _, headers in dead} == {"bad_chunk"}
     assert reasons == ["bad_chunk"]
     assert broker.depth(TOPOLOGY.updates) == 0
+
+
+@pytest.mark.parametrize("spooled", [False, True])
+def test_a_chunk_set_is_its_senders_alone_whoever_sends_an_envelope_with_its_message_id(
+    transport: MemoryTransport, broker: MemoryBroker, tmp_path: Path, spooled: bool
+) -> None:
+    if spooled:
+        transport.hold_chunks(Reassembler(), ChunkSpool(tmp_path))
+    payload = bytes(i % 251 for i in range(3000))
+    parts = split_payload(payload, 1024)
+    broker.route(TOPOLOGY.updates, UPDATE_ROUTING_KEY, parts[0], {}, "mallory")
+    for part in parts:
+        broker.route(TOPOLOGY.updates, UPDATE_ROUTING_KEY, part, {}, "alice")
+
+    delivery = receive(transport)
+    transport.ack(delivery)
+
+    assert (delivery.body, delivery.user_id) == (payload, "alice")
+    assert transport.chunk_backlog() == (1, 1024)  # mallory's own set, incomplete
+    if spooled:
+        assert len(ChunkSpool(tmp_path).load()) == 1
 
 
 def test_an_invalid_chunk_is_dead_lettered_alone(
