@@ -23,7 +23,7 @@ from aggregator.tasks import load_task_key
 from broker.spool import ChunkSpool
 from broker.transport import Delivery, Transport
 from shared.chunks import Reassembler
-from shared.errors import ProtocolError, TransportError, UnroutableError
+from shared.errors import FedqError, ProtocolError, TransportError, UnroutableError
 from shared.jobs import TrainingConfig, to_dict
 from shared.messages import (
     Cancel,
@@ -437,10 +437,16 @@ class AggregatorService:
                 except TransportError:
                     raise
                 except Exception as e:  # a job that cannot start is rejected, not fatal
-                    logger.exception("job %s cannot start", job.job_id)
+                    detail = f"{type(e).__name__}: {e}"
+                    if isinstance(e, FedqError):
+                        # An expected refusal (a reference not allowed, a model or data set that
+                        # is not there, a bad setting): its reason says it all.
+                        logger.warning("job %s cannot start: %s", job.job_id, detail)
+                    else:
+                        logger.exception("job %s cannot start", job.job_id)
                     self._job = None
                     self.metrics.job_running.set(0)
-                    self._end_unstarted(job, delivery, "bad_job", f"{type(e).__name__}: {e}")
+                    self._end_unstarted(job, delivery, "bad_job", detail)
             return
         self._apply_evaluations(running, running.evaluator.poll())
         now = self.clock()
