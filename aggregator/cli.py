@@ -243,3 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedqError as e:
         print(f"fedq {command}: {e}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":  # `python -m aggregator.cli ...` is `fedq ...`
+    sys.exit(main())

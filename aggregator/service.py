@@ -23,7 +23,7 @@ from aggregator.tasks import load_task_key
 from broker.spool import ChunkSpool
 from broker.transport import Delivery, Transport
 from shared.chunks import Reassembler
-from shared.errors import ProtocolError, TransportError, UnroutableError
+from shared.errors import FedqError, ProtocolError, TransportError, UnroutableError
 from shared.jobs import TrainingConfig, to_dict
 from shared.messages import (
     Cancel,
@@ -307,16 +307,17 @@ class AggregatorService:
         self.transport.reject(delivery, reason, detail)
         return True
 
-    def _claims_another_user(self, worker_id: str, delivery: Delivery, what: str) -> bool:
+    def _claims_another_user(self, worker_id: str, delivery: Delivery, what: str) -> str | None:
         """With require_user_id, dead-letter (and say so) a message in a worker's name that was
         not published by that worker's broker user: a hello in another site's name would take
-        its tasks, an update or a failure would speak for it."""
+        its tasks, an update or a failure would speak for it. Returns the rejection's detail, or
+        None when the message may go on."""
         if not self.settings.require_user_id or delivery.user_id == worker_id:
-            return False
+            return None
         detail = f"worker {worker_id!r} published as user {delivery.user_id!r}"
         logger.warning("rejecting %s (user_mismatch): %s", what, detail)
         self.transport.reject(delivery, "user_mismatch", detail)
-        return True
+        return detail
 
     def _on_hello(self, hello: Hello, delivery: Delivery) -> None:
         if self._claims_another_user(hello.worker_id, delivery, "a hello"):
@@ -359,9 +360,24 @@ class AggregatorService:
     def _on_update(self, update: Update, delivery: Delivery) -> None:
         self.metrics.updates_received.inc()
         self.metrics.update_size.observe(len(delivery.body))
-        if self._claims_another_user(update.worker_id, delivery, f"update {update.update_id}"):
-            return
+        mismatch = self._claims_another_user(
+            update.worker_id, delivery, f"update {update.update_id}"
+        )
         running = self._job
+        if mismatch is not None:
+            if running is not None and update.job_id == running.job.job_id:
+                # Accounted for in the job as every other rejected update is. Its update_id is
+                # not remembered: it may be the named site's own, which must still be taken.
+                running.state.count_rejection("user_mismatch")
+                running.output.append_rejection(
+                    {
+                        "update_id": update.update_id,
+                        "worker_id": update.worker_id,
+                        "reason": "user_mismatch",
+                        "detail": mismatch,
+                    }
+                )
+            return
         if running is None or update.job_id != running.job.job_id:
             ended = self._outcomes.get(update.job_id)
             reason = "unknown_job" if ended is None else "job_finished"
@@ -421,10 +437,16 @@ class AggregatorService:
                 except TransportError:
                     raise
                 except Exception as e:  # a job that cannot start is rejected, not fatal
-                    logger.exception("job %s cannot start", job.job_id)
+                    detail = f"{type(e).__name__}: {e}"
+                    if isinstance(e, FedqError):
+                        # An expected refusal (a reference not allowed, a model or data set that
+                        # is not there, a bad setting): its reason says it all.
+                        logger.warning("job %s cannot start: %s", job.job_id, detail)
+                    else:
+                        logger.exception("job %s cannot start", job.job_id)
                     self._job = None
                     self.metrics.job_running.set(0)
-                    self._end_unstarted(job, delivery, "bad_job", f"{type(e).__name__}: {e}")
+                    self._end_unstarted(job, delivery, "bad_job", detail)
             return
         self._apply_evaluations(running, running.evaluator.poll())
         now = self.clock()

@@ -244,6 +244,11 @@ class JobState:
 
     # ------------------------------------------------------------------ updates
 
+    def count_rejection(self, reason: str) -> None:
+        """Count one rejected update of the job under its reason (summary.json's
+        rejected_by_reason); offer counts its own, the service those it rejects before offer."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     def offer(self, update: Update, now: float) -> Outcome:
         """Validate an update and fold it in; may complete a new version."""
         # A candidate version that overflows anyway is discarded (_publish) and reported by the
@@ -265,7 +270,7 @@ class JobState:
         if rejection is None and self.strategy.max_update_norm_ratio is not None:
             rejection = self._check_norm(update, self._change_norm(update))
         if rejection is not None:
-            self.rejected[rejection.reason] = self.rejected.get(rejection.reason, 0) + 1
+            self.count_rejection(rejection.reason)
             if rejection.reason != "duplicate":
                 self._remember(update.update_id)
             return rejection

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from broker import MemoryBroker, Topology, connect
 from shared.datasets import list_datasets
+from shared.errors import FedqError
 from shared.logs import add_logging_arguments, configure_logging
 from shared.ops import Health, Operations
 from shared.settings import load_settings, masked
@@ -136,3 +138,10 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         finally:
             service.transport.close()
     return 0
+
+
+if __name__ == "__main__":  # `python -m worker.cli` is `python -m worker`
+    try:
+        sys.exit(worker_main())
+    except FedqError as e:
+        sys.exit(f"fedq worker: {e}")

@@ -184,6 +184,15 @@ class WorkerService:
         if self._training is None and self._pending is not None:
             task, self._pending = self._pending, None
             cycle, self._pending_cycle = self._pending_cycle, None
+            # Said before training, which (slowed down, or a large model) may take long.
+            logger.info(
+                "job %s task %s version %d: training on worker %s%s",
+                task.job_id,
+                task.task_id,
+                task.version,
+                self.worker_id,
+                f" (slowdown {self.settings.slowdown:g}x)" if self.settings.slowdown > 1 else "",
+            )
             self._training = self._executor.submit(self._run_task, task, cycle)
             self._training_task = task
         if (

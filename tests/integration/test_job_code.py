@@ -7,6 +7,7 @@ recorded."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 from memory_job import JOB_ID, TOPOLOGY, aggregator, dead_letters, memory_worker
 
 from aggregator.cli import main
+from aggregator.service import AggregatorService
 from broker import MemoryBroker, MemoryTransport
 from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, TrainingConfig
@@ -85,6 +87,42 @@ def test_a_job_naming_os_mkdir_ends_as_bad_job_and_mkdir_is_never_called(
     assert outcome["stop_reason"] == "bad_job"
     assert "ReferenceNotAllowedError" in outcome["detail"] and "'os'" in outcome["detail"]
     assert [reason for reason, _ in dead_letters(memory)] == ["bad_job"]
+
+
+def test_a_job_refused_for_its_reference_logs_one_warning_with_the_reason_and_no_traceback(
+    tmp_path: Path, mkdir_calls: list[object], caplog: pytest.LogCaptureFixture
+) -> None:
+    memory = MemoryBroker()
+    service = aggregator(memory, tmp_path)
+    _publish(memory, Job(JOB_ID, _spec(dataset="os:mkdir")))
+
+    with caplog.at_level(logging.INFO, logger="aggregator.service"):
+        service.run_until_idle()
+
+    about_it = [r for r in caplog.records if "cannot start" in r.getMessage()]
+    assert [(r.levelno, r.exc_info) for r in about_it] == [(logging.WARNING, None)]
+    assert "ReferenceNotAllowedError" in about_it[0].getMessage()
+    assert "'os'" in about_it[0].getMessage()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_job_that_cannot_start_for_an_unexpected_error_logs_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: AggregatorService, job: Job, delivery: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(AggregatorService, "_start", broken)
+    memory = MemoryBroker()
+    service = aggregator(memory, tmp_path)
+    _publish(memory, Job(JOB_ID, _spec()))
+
+    with caplog.at_level(logging.INFO, logger="aggregator.service"):
+        service.run_until_idle()
+
+    (record,) = [r for r in caplog.records if "cannot start" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert _outcomes(tmp_path)[0]["stop_reason"] == "bad_job"
 
 
 def test_a_job_whose_module_the_operator_allowed_runs(tmp_path: Path) -> None:

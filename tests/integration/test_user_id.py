@@ -4,10 +4,11 @@ its worker id, rejecting the others as user_mismatch."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from hostile_input import WORKER, job, valid
+from hostile_input import JOB_ID, VALID_UPDATES, WORKER, WORKERS, job, valid
 from known_task_key import use_known_key
 from memory_job import dead_letters
 from prometheus_client import CollectorRegistry
@@ -76,6 +77,39 @@ def test_require_user_id_takes_an_update_only_from_its_workers_user(
     assert running is not None
     assert running.state.version == (1 if accepted else 0)
     assert [reason for reason, _ in dead_letters(memory)] == ([] if accepted else ["user_mismatch"])
+
+
+def test_an_update_in_another_sites_name_is_in_the_jobs_rejections_and_summary(
+    tmp_path: Path,
+) -> None:
+    memory = MemoryBroker()
+    service = _aggregator(memory, tmp_path, require=True)
+    # Mallory sends w0's first update (same update_id) before w0 does: it is refused, and w0's own
+    # is still taken (the refused one does not count as seen).
+    impostor = MemoryTransport(memory, TOPOLOGY, user="mallory")
+    impostor.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, valid(0).parts[0])
+    for k in range(VALID_UPDATES):
+        site = MemoryTransport(memory, TOPOLOGY, user=WORKERS[k % len(WORKERS)])
+        site.publish(TOPOLOGY.updates, UPDATE_ROUTING_KEY, valid(k).parts[0])
+    service.run_until_idle(idle_s=0.01)
+
+    run_dir = tmp_path / "jobs" / JOB_ID
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["versions"] == VALID_UPDATES
+    assert summary["updates_rejected"] == 1
+    assert summary["rejected_by_reason"] == {"user_mismatch": 1}
+    rejections = [
+        json.loads(line) for line in (run_dir / "rejections.jsonl").read_text().splitlines()
+    ]
+    assert rejections == [
+        {
+            "update_id": "valid-0",
+            "worker_id": WORKER,
+            "reason": "user_mismatch",
+            "detail": f"worker {WORKER!r} published as user 'mallory'",
+        }
+    ]
+    assert [reason for reason, _ in dead_letters(memory)] == ["user_mismatch"]
 
 
 def test_require_user_id_refuses_a_hello_in_another_workers_name_and_sends_it_no_task(

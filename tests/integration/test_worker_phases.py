@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -99,3 +100,24 @@ def test_a_worker_publishes_when_training_ends_rather_than_at_its_next_poll(
     assert worker.updates_sent == 1
     assert waited < 5.0
     assert _phases(worker)["handoff"] < 1.0
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_logs_the_task_it_takes_for_training_before_training_it(
+    memory: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Slowed a thousandfold (until stop()): without the line it would look stuck.
+    worker = memory_worker(memory, slowdown=1000.0)
+    worker.start()
+    _send_task(MemoryTransport(memory, TOPOLOGY), 3)
+    with caplog.at_level(logging.INFO, logger="worker.service"):
+        while not worker.busy:
+            worker.step(0.05)
+    try:
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+        assert messages == [
+            "job job task task-v3 version 3: training on worker w0 (slowdown 1000x)"
+        ]
+    finally:
+        worker.stop()  # cuts the slowdown short
+        worker.close()

@@ -168,6 +168,25 @@ def test_fedq_broker_add_worker_makes_the_user_and_queue(
     worker.subscribe(vhost.topology.task_queue(name))
 
 
+def test_fedq_broker_add_worker_run_again_keeps_the_users_password(
+    vhost: Vhost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"site-{uuid.uuid4().hex[:6]}"
+    vhost.users.append(name)
+    argv = ["broker", "add-worker", name, "--vhost", vhost.name, "--admin-url", vhost.url()]
+    assert fedq_main(argv) == 0
+    password = capsys.readouterr().out.strip()
+    assert fedq_main(argv) == 0  # e.g. to repair the queue
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"user {name} exists; its password is unchanged" in err
+    worker = RabbitMQTransport(
+        vhost.url(name, password), vhost.topology, stamp_user_id=True, declare_topology=False
+    )
+    vhost.closers.append(worker.close)
+    worker.declare_worker(name)  # the first password still logs in
+
+
 def test_a_worker_account_cannot_cancel_a_job_and_a_submitting_account_can(
     vhost: Vhost, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,10 @@ could get that far.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -450,3 +453,28 @@ def test_status_shows_failed_jobs_apart_with_their_reason() -> None:
     ended = "in its state dir 1 finished, 1 failed, 1 cancelled"
     assert f"jobs ended     3 by this process; {ended}" in block
     assert "failed job     typo-1: bad_job (unknown model)" in block
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "status", "says"),
+    [
+        ("aggregator.cli", [], 2, "usage: fedq COMMAND"),
+        ("aggregator.cli", ["submit", "no-such-job.toml"], 1, "cannot read job file"),
+        ("worker.cli", ["--help"], 0, "usage:"),
+    ],
+)
+def test_python_dash_m_of_a_cli_module_runs_its_command_rather_than_doing_nothing(
+    tmp_path: Path, module: str, args: list[str], status: int, says: str
+) -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == status, done.stderr
+    assert says in done.stdout + done.stderr
