@@ -478,9 +478,7 @@ class _Unusual(Exception):
     """Input the zero-copy reader leaves to msgpack; never escapes decode_message."""
 
 
-# Caps on the zero-copy reader's Python work: a message past them is read by msgpack's C code, so
-# that a hostile payload of millions of tiny items costs what it costs today.
-_FAST_MAX_ITEMS = MAX_MESSAGE_ITEMS
+# Nesting past this is left to msgpack's C code (after check_size), as is anything unusual.
 _FAST_MAX_DEPTH = 16
 _U8, _U16, _U32, _U64 = (struct.Struct(f">{c}") for c in "BHIQ")
 _I8, _I16, _I32, _I64 = (struct.Struct(f">{c}") for c in "bhiq")
@@ -502,21 +500,29 @@ class _ZeroCopyReader:
 
     Only the `data` bins of the entries of a `tensors` list (of the message, or of a task's
     `model`) become read-only memoryviews of the payload; everything else is built as msgpack
-    builds it. Anything unusual (ext types, non-str keys, truncation, trailing bytes, invalid
-    UTF-8, deep nesting, more than _FAST_MAX_ITEMS items) raises _Unusual, and decode_message
-    then reads the payload with msgpack, so errors and their reasons are msgpack's as before.
+    builds it. It keeps the size limits of check_size as it goes, stopping as soon as a count
+    passes its limit, so it never builds more than they allow. Anything unusual (ext types,
+    non-str keys, truncation, trailing bytes, invalid UTF-8, deep nesting) or past a limit raises
+    _Unusual, and decode_message then checks the payload with check_size and reads it with
+    msgpack, so errors and their reasons are those of check_size and msgpack. A payload this
+    reader reads whole is one check_size passes: the same items, in the same order, are counted.
     """
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
         self.view = memoryview(payload)
         self.pos = 0
-        self.budget = _FAST_MAX_ITEMS
+        self.budget = MAX_MESSAGE_ITEMS
+        self.data_bytes = 0  # of the tensor data read so far (views, not counted as copied)
 
     def message(self) -> dict[str, Any]:
         """Read the whole payload as one map."""
         body = self.value(0, "message")
-        if type(body) is not dict or self.pos != len(self.payload):
+        if (
+            type(body) is not dict
+            or self.pos != len(self.payload)
+            or self.pos - self.data_bytes > MAX_NON_TENSOR_BYTES
+        ):
             raise _Unusual
         return body
 
@@ -553,7 +559,8 @@ class _ZeroCopyReader:
 
     def text(self, size: int) -> str:
         end = self.pos + size
-        if end > len(self.payload):
+        # pos - data_bytes only grows, so past the limit here is past it at the end too.
+        if end > len(self.payload) or end - self.data_bytes > MAX_NON_TENSOR_BYTES:
             raise _Unusual
         text = self.payload[self.pos : end].decode("utf-8")
         self.pos = end
@@ -563,9 +570,13 @@ class _ZeroCopyReader:
         end = self.pos + size
         if end > len(self.payload):
             raise _Unusual
-        data = self.view[self.pos : end] if role == "data" else self.payload[self.pos : end]
-        self.pos = end
-        return data
+        self.pos, start = end, self.pos
+        if role == "data":
+            self.data_bytes += size
+            return self.view[start:end]
+        if end - self.data_bytes > MAX_NON_TENSOR_BYTES:
+            raise _Unusual
+        return self.payload[start:end]
 
     def array(self, size: int, depth: int, role: str) -> list[Any]:
         self.spend(size, depth)
@@ -579,7 +590,12 @@ class _ZeroCopyReader:
             key = self.value(depth + 1, "")
             if type(key) is not str:  # msgpack also allows bytes keys; leave those to it
                 raise _Unusual
-            out[key] = self.value(depth + 1, _ROLES.get((role, key), ""))
+            value = self.value(depth + 1, _ROLES.get((role, key), ""))
+            if role == "message" and key == "type" and type(value) is str:
+                limit = MAX_TYPE_BYTES.get(value)
+                if limit is not None and len(self.payload) > limit:
+                    raise _Unusual
+            out[key] = value
         return out
 
     def spend(self, items: int, depth: int) -> None:
@@ -597,15 +613,16 @@ _ROLES = {
 }
 
 
-def _unpack(payload: bytes) -> Any:
-    """Return the msgpack value of payload, tensor data as views of it where that is safe."""
+def _read_in_place(payload: bytes) -> dict[str, Any] | None:
+    """Return the message map of payload, tensor data as views of it, if it is an ordinary message
+    within the size limits; None if it is to be checked and read the slow way."""
     # Only immutable bytes are viewed: a view of a bytearray could change under the arrays.
-    if type(payload) is bytes:
-        try:
-            return _ZeroCopyReader(payload).message()
-        except (_Unusual, IndexError, struct.error, UnicodeDecodeError):
-            pass
-    return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    if type(payload) is not bytes:
+        return None
+    try:
+        return _ZeroCopyReader(payload).message()
+    except (_Unusual, IndexError, struct.error, UnicodeDecodeError):
+        return None
 
 
 def check_size(payload: bytes) -> None:
@@ -753,16 +770,17 @@ class _Skim:
 def decode_message(payload: bytes) -> Message:
     """Decode and validate a message; raise a ProtocolError subclass with a reason on bad input.
 
-    The size limits of check_size are checked first, before anything is built. Tensors of a
-    bytes payload are read-only views of it, so they keep the payload alive.
+    The size limits of check_size hold before anything past them is built: the zero-copy reader
+    keeps them as it reads, and a payload it leaves to msgpack is checked by check_size first.
+    Tensors of a bytes payload are read-only views of it, so they keep the payload alive.
     """
-    check_size(payload)
-    try:
-        body = _unpack(payload)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as e:
-        raise MalformedMessageError(f"not a msgpack message: {type(e).__name__}: {e}") from e
-    except Exception as e:  # msgpack raises bare exceptions on some truncations
-        raise MalformedMessageError(f"not a msgpack message: {type(e).__name__}: {e}") from e
+    body: Any = _read_in_place(payload)
+    if body is None:
+        check_size(payload)
+        try:
+            body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        except Exception as e:  # msgpack raises bare exceptions on some truncations
+            raise MalformedMessageError(f"not a msgpack message: {type(e).__name__}: {e}") from e
     if not isinstance(body, dict):
         raise MalformedMessageError("a message must be a msgpack map")
     version = body.get("protocol")
