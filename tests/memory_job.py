@@ -46,21 +46,33 @@ def fedbuff_spec(buffer_size: int, max_versions: int) -> JobSpec:
     )
 
 
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def aggregator(
     memory: MemoryBroker,
     state_dir: Path,
     known_key: bool = True,
     clock: Callable[[], float] = time.monotonic,
+    registry: CollectorRegistry | None = None,
     **settings: Any,
 ) -> AggregatorService:
     """An aggregator on the broker, subscribed to jobs and updates, not yet stepped, with the
-    tests' known task key (else its own); `settings` are AggregatorSettings fields."""
+    tests' known task key (else its own), its metrics in `registry` (else a fresh one);
+    `settings` are AggregatorSettings fields."""
     if known_key:
         use_known_key(state_dir)
     service = AggregatorService(
         MemoryTransport(memory, TOPOLOGY),
         AggregatorSettings(broker="memory", state_dir=str(state_dir), **settings),
-        AggregatorMetrics(CollectorRegistry()),
+        AggregatorMetrics(registry if registry is not None else CollectorRegistry()),
         clock=clock,
     )
     service.transport.declare()

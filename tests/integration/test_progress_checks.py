@@ -14,69 +14,41 @@ from typing import Any
 import numpy as np
 import pytest
 from batchnorm_model import REFERENCE
-from known_task_key import task_id, use_known_key
+from known_task_key import task_id
 from memory_job import (
     JOB_ID,
     TOPOLOGY,
+    FakeClock,
+    aggregator,
     broker_with_job,
     dead_letters,
     fedbuff_spec,
     read_history,
     send_delta,
+    tasks_sent,
 )
 from prometheus_client import CollectorRegistry
 
 import aggregator.state as state_module
-from aggregator.metrics import AggregatorMetrics
 from aggregator.service import AggregatorService
-from aggregator.settings import AggregatorSettings
 from aggregator.status import render
-from broker import MemoryBroker, MemoryTransport
+from broker import MemoryBroker
 from broker.topology import UPDATE_ROUTING_KEY
 from shared.jobs import JobSpec, ModelSpec, StopConfig, StrategyConfig
-from shared.messages import Job, Task, Update, decode_message, encode_message
+from shared.messages import Job, Update, encode_message
 from shared.models import build_model, state_to_numpy
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _aggregator(
-    memory: MemoryBroker, state_dir: Path, clock: FakeClock | None = None, **settings: object
+    memory: MemoryBroker, state_dir: Path, clock: FakeClock | None = None, **settings: Any
 ) -> tuple[AggregatorService, CollectorRegistry]:
+    """memory_job's aggregator, with the registry its metrics are read from."""
     registry = CollectorRegistry()
-    service = AggregatorService(
-        MemoryTransport(memory, TOPOLOGY),
-        AggregatorSettings(broker="memory", state_dir=str(use_known_key(state_dir)), **settings),  # type: ignore[arg-type]
-        AggregatorMetrics(registry),
-        **({"clock": clock} if clock is not None else {}),
-    )
-    service.transport.declare()
-    service.transport.subscribe(TOPOLOGY.jobs)
-    service.transport.subscribe(TOPOLOGY.updates)
-    return service, registry
-
-
-def _tasks_sent(memory: MemoryBroker, worker_id: str = "w0") -> list[Task]:
-    """Every task waiting in a worker's queue, decoded (the worker's own decoder checks them)."""
-    reader = MemoryTransport(memory, TOPOLOGY)
-    reader.subscribe(TOPOLOGY.task_queue(worker_id))
-    tasks = []
-    while (delivery := reader.receive(0)) is not None:
-        message = decode_message(delivery.body)
-        assert isinstance(message, Task)
-        tasks.append(message)
-        reader.ack(delivery)
-    return tasks
+    if clock is not None:
+        settings["clock"] = clock
+    return aggregator(memory, state_dir, registry=registry, **settings), registry
 
 
 def _rejections(state_dir: Path) -> list[dict[str, str]]:
@@ -115,7 +87,7 @@ def test_finite_updates_near_the_float32_limit_never_make_a_version_that_is_not_
     rejected = "fedq_aggregator_updates_rejected_total"
     assert registry.get_sample_value(rejected, {"reason": "out_of_range"}) == 1
     assert registry.get_sample_value("fedq_aggregator_models_nonfinite_total") == 0
-    assert all(t.model.version < 3 for t in _tasks_sent(memory))
+    assert all(t.model.version < 3 for t in tasks_sent(memory))
 
 
 def test_a_candidate_version_that_is_not_finite_is_discarded_and_the_job_goes_on(
@@ -155,7 +127,7 @@ def test_a_candidate_version_that_is_not_finite_is_discarded_and_the_job_goes_on
     assert registry.get_sample_value("fedq_aggregator_models_nonfinite_total") == 0
     warned = [r.message for r in caplog.records if "NaN or Inf" in r.message]
     assert len(warned) == 1 and "u1, u2" in warned[0] and "stays version 0" in warned[0]
-    tasks = _tasks_sent(memory)
+    tasks = tasks_sent(memory)
     assert all(np.isfinite(a).all() for t in tasks for a in t.model.tensors.values())
 
 
@@ -198,7 +170,7 @@ def test_a_nan_evaluation_is_counted_and_left_out_of_the_history_and_the_next_ta
     assert service.status()["evaluations_nonfinite"] == 1
     assert any("evaluating version 1 gave" in r.message for r in caplog.records)
     # The task of version 1 went out, with the last finite figures (version 0's).
-    tasks = _tasks_sent(memory)
+    tasks = tasks_sent(memory)
     assert [t.version for t in tasks] == [0, 1]
     assert tasks[1].model.metrics["loss"] == pytest.approx(history[0]["loss"])
 

@@ -12,6 +12,7 @@ import pytest
 from memory_job import (
     MODEL,
     TOPOLOGY,
+    FakeClock,
     aggregator,
     answer,
     broker_with_job,
@@ -28,16 +29,6 @@ from shared.jobs import JobSpec, StopConfig, StrategyConfig
 from shared.messages import Hello, encode_message
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _hello(sender: MemoryTransport, worker_id: str) -> None:
