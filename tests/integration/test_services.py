@@ -222,14 +222,22 @@ def _reports(listener: MemoryTransport) -> list[Failure]:
     return [m for m in messages if isinstance(m, Failure)]
 
 
-@pytest.mark.timeout(60)
-def test_a_worker_refuses_a_task_meant_for_another_worker_and_reports_why(
-    memory: MemoryBroker,
-) -> None:
+def _worker_given_task(memory: MemoryBroker, body: bytes) -> tuple[WorkerService, MemoryTransport]:
+    """Worker w0, started and stepped once with `body` on its task queue; and a listener on the
+    updates queue, subscribed before the worker started, for what it reported."""
     listener = MemoryTransport(memory, TOPOLOGY)
     listener.subscribe(TOPOLOGY.updates)
     worker = _worker(memory, "w0")
     worker.start()
+    MemoryTransport(memory, TOPOLOGY).publish(TOPOLOGY.tasks, "w0", body)
+    worker.step(0.1)
+    return worker, listener
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_refuses_a_task_meant_for_another_worker_and_reports_why(
+    memory: MemoryBroker,
+) -> None:
     task = Task(
         "job",
         "t1",
@@ -239,9 +247,8 @@ def test_a_worker_refuses_a_task_meant_for_another_worker_and_reports_why(
         GlobalModel("job", 0, MODEL, {"w": np.zeros(1, np.float32)}),
     )
     body = encode_message(task)
-    MemoryTransport(memory, TOPOLOGY).publish(TOPOLOGY.tasks, "w0", body)
 
-    worker.step(0.1)
+    worker, listener = _worker_given_task(memory, body)
 
     queue = TOPOLOGY.task_queue("w0")
     assert _refused_tasks(memory) == [(DeadLetter("rejected", queue, "broker"), body)]
@@ -256,13 +263,7 @@ def test_a_worker_refuses_a_task_meant_for_another_worker_and_reports_why(
 def test_a_worker_refuses_an_unreadable_task_through_the_broker_and_reports_nothing(
     memory: MemoryBroker,
 ) -> None:
-    listener = MemoryTransport(memory, TOPOLOGY)
-    listener.subscribe(TOPOLOGY.updates)
-    worker = _worker(memory, "w0")
-    worker.start()
-    MemoryTransport(memory, TOPOLOGY).publish(TOPOLOGY.tasks, "w0", b"\xc1 not a task")
-
-    worker.step(0.1)
+    worker, listener = _worker_given_task(memory, b"\xc1 not a task")
 
     queue = TOPOLOGY.task_queue("w0")
     assert _refused_tasks(memory) == [(DeadLetter("rejected", queue, "broker"), b"\xc1 not a task")]
