@@ -1,4 +1,5 @@
-"""Helpers for tests against a real RabbitMQ: a topology of one's own and a plain pika channel."""
+"""Helpers for tests against a real RabbitMQ: a topology of one's own, a plain pika channel, and an
+aggregator running a job on a vhost."""
 
 from __future__ import annotations
 
@@ -8,14 +9,22 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import pika
+from hostile_input import job
+from known_task_key import use_known_key
+from prometheus_client import CollectorRegistry
 
+from aggregator.metrics import AggregatorMetrics
+from aggregator.service import AggregatorService
+from aggregator.settings import AggregatorSettings
 from broker.admin import add_worker
 from broker.rabbitmq import RabbitMQTransport, ReconnectPolicy
-from broker.topology import Topology
+from broker.topology import JOB_ROUTING_KEY, Topology
+from shared.messages import encode_message
 
 # Starts `python -m SERVICE` on the test's topology: spawn(service, log_name, *argv).
 Spawn = Callable[..., subprocess.Popen[bytes]]
@@ -209,3 +218,24 @@ class Vhost:
             if method is None:
                 return taken
             taken.append((props, body))
+
+
+def aggregator_with_job(
+    vhost: Vhost, state_dir: Path, registry: CollectorRegistry | None = None, **settings: Any
+) -> AggregatorService:
+    """An aggregator on the vhost as guest (user_id stamped) that requires the broker-validated
+    user_id, with the tests' known task key, running hostile_input's job; its metrics in
+    `registry` (else a fresh one); `settings` are more AggregatorSettings fields."""
+    transport = vhost.transport(stamp_user_id=True)
+    settings = {"require_user_id": True} | settings
+    service = AggregatorService(
+        transport,
+        AggregatorSettings(state_dir=str(use_known_key(state_dir)), **settings),
+        AggregatorMetrics(registry if registry is not None else CollectorRegistry()),
+    )
+    transport.declare()
+    transport.subscribe(vhost.topology.jobs)
+    transport.subscribe(vhost.topology.updates)
+    transport.publish(vhost.topology.jobs, JOB_ROUTING_KEY, encode_message(job()))
+    service.run_until_idle()
+    return service

@@ -9,15 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hostile_input import _update, job
-from known_task_key import use_known_key
-from prometheus_client import CollectorRegistry
-from rabbitmq_scratch import Vhost
+from hostile_input import _update
+from rabbitmq_scratch import Vhost, aggregator_with_job
 
-from aggregator.metrics import AggregatorMetrics
-from aggregator.service import AggregatorService
-from aggregator.settings import AggregatorSettings
-from broker.topology import JOB_ROUTING_KEY, UPDATE_ROUTING_KEY, read_dead_letter
+from broker.topology import UPDATE_ROUTING_KEY, read_dead_letter
 from shared.chunks import split_payload
 from shared.messages import encode_message
 
@@ -36,20 +31,13 @@ def test_a_flood_of_never_completed_chunk_sets_does_not_keep_an_honest_update_ou
     mallory = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
     alice = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
     t = vhost.topology
-    transport = vhost.transport(stamp_user_id=True)
-    settings = AggregatorSettings(
-        state_dir=str(use_known_key(tmp_path)),
-        require_user_id=True,
+    service = aggregator_with_job(
+        vhost,
+        tmp_path,
         max_message_bytes=MAX_MESSAGE_BYTES,
         max_chunk_pending_bytes=4 * MAX_MESSAGE_BYTES,
         max_chunk_pending_bytes_per_sender=2 * MAX_MESSAGE_BYTES,
     )
-    service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
-    transport.declare()
-    transport.subscribe(t.jobs)
-    transport.subscribe(t.updates)
-    transport.publish(t.jobs, JOB_ROUTING_KEY, encode_message(job()))
-    service.run_until_idle()
     # Mallory's first envelopes of sets announcing the largest message, never followed.
     attacker = vhost.site(mallory)
     for _ in range(FLOOD):
@@ -67,4 +55,4 @@ def test_a_flood_of_never_completed_chunk_sets_does_not_keep_an_honest_update_ou
     assert running is not None and running.state.version == 1
     # Mallory keeps two sets (its 2 MiB); each other set of its is refused, counted once.
     assert _dead_reasons(vhost) == Counter({"chunk_limit": FLOOD - 2})
-    assert transport.chunk_backlog()[0] == 2
+    assert service.transport.chunk_backlog()[0] == 2

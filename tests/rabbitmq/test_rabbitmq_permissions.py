@@ -15,9 +15,8 @@ import pika
 import pytest
 import torch
 from hostile_input import JOB_ID, _update, job
-from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
-from rabbitmq_scratch import PASSWORD, Vhost, ctl
+from rabbitmq_scratch import PASSWORD, Vhost, aggregator_with_job, ctl
 
 from aggregator.cli import main as fedq_main
 from aggregator.metrics import AggregatorMetrics
@@ -125,14 +124,7 @@ def test_the_aggregator_rejects_an_update_claiming_another_workers_id(
     name = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
     victim = vhost.add_worker(f"site-{uuid.uuid4().hex[:6]}")
     t = vhost.topology
-    transport = vhost.transport(stamp_user_id=True)
-    settings = AggregatorSettings(state_dir=str(use_known_key(tmp_path)), require_user_id=True)
-    service = AggregatorService(transport, settings, AggregatorMetrics(CollectorRegistry()))
-    transport.declare()
-    transport.subscribe(t.jobs)
-    transport.subscribe(t.updates)
-    transport.publish(t.jobs, JOB_ROUTING_KEY, encode_message(job()))
-    service.run_until_idle()
+    service = aggregator_with_job(vhost, tmp_path)
     worker = _worker_transport(vhost, name)
     forged = _update("forged-1", 0, seed=1, worker_id=victim)
     honest = _update("honest-1", 0, seed=2, worker_id=name)

@@ -14,19 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile_input import JOB_ID, _update, job
+from hostile_input import JOB_ID, _update
 from hostile_properties import ODD, POISON, RawProperties, properties
-from known_task_key import use_known_key
 from prometheus_client import CollectorRegistry
-from rabbitmq_scratch import Vhost, ctl
+from rabbitmq_scratch import Vhost, aggregator_with_job, ctl
 
-from aggregator.metrics import AggregatorMetrics
-from aggregator.service import AggregatorService
-from aggregator.settings import AggregatorSettings
 from broker.topology import (
     DELIVERY_LIMIT,
     DETAIL_HEADER,
-    JOB_ROUTING_KEY,
     REASON_HEADER,
     SOURCE_HEADER,
     UPDATE_ROUTING_KEY,
@@ -47,24 +42,11 @@ def _publish_raw(channel: Any, exchange: str, key: str, body: bytes, encoded: by
     channel.basic_publish(exchange, key, body, RawProperties(encoded), mandatory=True)
 
 
-def _aggregator(site: Vhost, state_dir: Path) -> tuple[AggregatorService, CollectorRegistry]:
-    transport = site.transport(stamp_user_id=True)
-    registry = CollectorRegistry()
-    # The known task key: the updates below answer tasks signed with it.
-    settings = AggregatorSettings(state_dir=str(use_known_key(state_dir)), require_user_id=True)
-    service = AggregatorService(transport, settings, AggregatorMetrics(registry))
-    transport.declare()
-    transport.subscribe(site.topology.jobs)
-    transport.subscribe(site.topology.updates)
-    transport.publish(site.topology.jobs, JOB_ROUTING_KEY, encode_message(job()))
-    service.run_until_idle()
-    return service, registry
-
-
 def test_headers_pika_cannot_decode_are_dead_lettered_once_and_honest_updates_all_count(
     site: Vhost, tmp_path: Path
 ) -> None:
-    aggregator, registry = _aggregator(site, tmp_path)
+    registry = CollectorRegistry()
+    aggregator = aggregator_with_job(site, tmp_path, registry)  # the known key signs the tasks
     honest, hostile = site.add_worker(), site.add_worker()
     t = site.topology
     honest_transport = site.site(honest)
