@@ -369,14 +369,7 @@ class AggregatorService:
                 # Accounted for in the job as every other rejected update is. Its update_id is
                 # not remembered: it may be the named site's own, which must still be taken.
                 running.state.count_rejection("user_mismatch")
-                running.output.append_rejection(
-                    {
-                        "update_id": update.update_id,
-                        "worker_id": update.worker_id,
-                        "reason": "user_mismatch",
-                        "detail": mismatch,
-                    }
-                )
+                running.output.append_rejection(_rejection(update, "user_mismatch", mismatch))
             return
         if running is None or update.job_id != running.job.job_id:
             ended = self._outcomes.get(update.job_id)
@@ -386,14 +379,8 @@ class AggregatorService:
             if ended is not None:
                 # Stragglers of an ended job are accounted for in its run directory too.
                 detail = f"job {update.job_id!r} ended ({ended.stop_reason}) before it came"
-                RunDirectory(self._output_dir(update.job_id)).append_rejection(
-                    {
-                        "update_id": update.update_id,
-                        "worker_id": update.worker_id,
-                        "reason": reason,
-                        "detail": detail,
-                    }
-                )
+                run = RunDirectory(self._output_dir(update.job_id))
+                run.append_rejection(_rejection(update, reason, detail))
             self.transport.reject(delivery, reason, detail)
             return
         running.bytes_received += len(delivery.body)
@@ -404,14 +391,7 @@ class AggregatorService:
             logger.warning(
                 "rejecting update %s (%s): %s", update.update_id, outcome.reason, outcome.detail
             )
-            running.output.append_rejection(
-                {
-                    "update_id": update.update_id,
-                    "worker_id": update.worker_id,
-                    "reason": outcome.reason,
-                    "detail": outcome.detail,
-                }
-            )
+            running.output.append_rejection(_rejection(update, outcome.reason, outcome.detail))
             self.transport.reject(delivery, outcome.reason, outcome.detail)
             return
         self.metrics.updates_accepted.inc()
@@ -989,6 +969,16 @@ def _models(running: _Running) -> dict[str, Any]:
             "accuracy": running.best_accuracy,
         }
     return {"last": {"file": MODEL_FILE, "version": state.version, "accuracy": last}, "best": best}
+
+
+def _rejection(update: Update, reason: str, detail: str) -> dict[str, str]:
+    """A rejected update's line of rejections.jsonl."""
+    return {
+        "update_id": update.update_id,
+        "worker_id": update.worker_id,
+        "reason": reason,
+        "detail": detail,
+    }
 
 
 def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
