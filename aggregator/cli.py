@@ -24,7 +24,7 @@ from shared.jobs import JobSpec, load_job_file
 from shared.logs import DEFAULT_LIBRARY_LEVEL, add_logging_arguments, configure_logging
 from shared.messages import ID_PATTERN, Cancel, Job, Message, encode_message
 from shared.ops import Health, Operations
-from shared.references import requested_modules
+from shared.references import add_allow_module_argument, requested_modules
 from shared.settings import load_settings, masked
 from shared.shapes import check_job
 
@@ -43,14 +43,7 @@ def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-jobs", dest="max_jobs", type=int, help="exit after N jobs")
     parser.add_argument("--worker-timeout", dest="worker_timeout_s", type=float)
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
-    parser.add_argument(
-        "--allow-module",
-        dest="allowed_modules",
-        action="append",
-        metavar="MODULE",
-        help="a module (and its submodules) jobs' module:function models and data sets may be "
-        "imported from; repeatable; replaces the setting allowed_modules",
-    )
+    add_allow_module_argument(parser, "jobs' module:function models and data sets")
     add_logging_arguments(parser, "INFO")
 
 

@@ -11,8 +11,7 @@ from prometheus_client.registry import Collector
 
 JOB_STATES = ("idle", "running")
 # The reasons a worker gives for a task it cannot train that get a label of their own; any other
-# (the wire allows any short code) is counted as "other", so the label stays bounded.
-# The reasons of workers' failure reports counted apart (others count as "other"). The metric
+# (the wire allows any short code) is counted as "other", so the label stays bounded. The metric
 # also has the aggregator's own findings: "no_task_queue", a task no queue is bound for, and
 # "missed_deadline", a worker that let a FedAvg round's deadline pass without an update.
 FAILURE_REASONS = ("data_mismatch", "model_not_allowed", "training_error", "wrong_worker")

@@ -14,6 +14,7 @@ it may import is the receiving service's `allowed_modules` setting, never the me
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
@@ -44,6 +45,19 @@ def check_allowed_modules(allowed_modules: Iterable[str]) -> None:
         raise ConfigError(
             f"allowed_modules takes dotted module names such as 'mysite.models', not {bad}"
         )
+
+
+def add_allow_module_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """A service's repeatable --allow-module MODULE (its allowed_modules setting); `what` names
+    the references it allows ("jobs' module:function models and data sets")."""
+    parser.add_argument(
+        "--allow-module",
+        dest="allowed_modules",
+        action="append",
+        metavar="MODULE",
+        help=f"a module (and its submodules) {what} may be imported from; repeatable; replaces "
+        "the setting allowed_modules",
+    )
 
 
 def requested_modules(*names: str) -> tuple[str, ...]:

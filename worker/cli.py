@@ -18,6 +18,7 @@ from shared.datasets import list_datasets
 from shared.errors import FedqError
 from shared.logs import add_logging_arguments, configure_logging
 from shared.ops import Health, Operations
+from shared.references import add_allow_module_argument
 from shared.settings import load_settings, masked
 from worker.data import load_local_data
 from worker.device import select_device
@@ -73,14 +74,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="0: no /metrics")
     parser.add_argument("--metrics-host", dest="metrics_host", help="default 0.0.0.0")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
-    parser.add_argument(
-        "--allow-module",
-        dest="allowed_modules",
-        action="append",
-        metavar="MODULE",
-        help="a module (and its submodules) tasks' module:function models may be imported "
-        "from; repeatable; replaces the setting allowed_modules",
-    )
+    add_allow_module_argument(parser, "tasks' module:function models")
     add_logging_arguments(parser, "INFO")
 
 
