@@ -32,8 +32,9 @@ MAX_METRICS = 64
 # people, cut to this many characters by the receiver.
 REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 MAX_FAILURE_DETAIL = 1024
-# Size limits checked before anything is decoded (docs/protocol.md section 2.1), so that what a
-# message costs in memory is bounded by what it may hold, not by its sender. The largest encoding
+# Size limits kept while a message is decoded, stopping at the first count past one (docs/
+# protocol.md section 2.1), so that what a message costs in memory is bounded by what it may
+# hold, not by its sender. The largest encoding
 # of each small message type; updates, tasks and models are bounded by the receiver's own limit.
 MAX_TYPE_BYTES = {"hello": 64 * 1024, "cancel": 64 * 1024, "failure": 64 * 1024, "job": 1 << 20}
 # Items of all maps and arrays of a message together (a map entry is two): an honest update of
