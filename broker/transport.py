@@ -401,10 +401,10 @@ class Transport(ABC):
             self._spool.drop(message_id, sender)
 
     def _expire_chunks(self) -> None:
-        for message_id, helds, detail in self._reassembler.expire():
+        for sender, message_id, helds, detail in self._reassembler.expire():
             logger.warning("chunk set %s dead-lettered: %s", message_id, detail)
             self._dead_letter_held(helds, "incomplete_chunks", detail, count=True)
-            self._drop_set(message_id, self._sender(helds[0]))
+            self._drop_set(message_id, sender)
 
     def _dead_letter_held(self, helds: list[_Held], reason: str, detail: str, count: bool) -> None:
         """Publish held envelopes, unchanged, to the dead exchange with the reason headers.

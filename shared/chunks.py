@@ -107,7 +107,6 @@ class _Partial(Generic[K]):
     total_size: int
     sha256: bytes
     started: float
-    sender: str
     last: float
     # index -> the chunk's data, or (with a loader) the key to read it back through.
     parts: dict[int, Any] = field(default_factory=dict)
@@ -201,7 +200,7 @@ class Reassembler(Generic[K]):
         if partial is None:
             self._admit(chunk, key, sender)
             when = now if started is None else started
-            partial = _Partial(chunk.count, chunk.total_size, chunk.sha256, when, sender, now)
+            partial = _Partial(chunk.count, chunk.total_size, chunk.sha256, when, now)
             self._partials[set_key] = partial
             self._reserved_bytes += chunk.total_size
             tally = self._senders.setdefault(sender, [0, 0])
@@ -282,11 +281,11 @@ class Reassembler(Generic[K]):
             return None
         return ChunkError(why, "chunk_limit")
 
-    def expire(self, now: float | None = None) -> list[tuple[str, list[K], str]]:
-        """Forget incomplete sets older than max_age_s or idle for idle_s; return their ids,
-        keys and why."""
+    def expire(self, now: float | None = None) -> list[tuple[str, str, list[K], str]]:
+        """Forget incomplete sets older than max_age_s or idle for idle_s; return each one's
+        sender, message id, keys and why."""
         now = time.monotonic() if now is None else now
-        dropped: list[tuple[str, list[K], str]] = []
+        dropped: list[tuple[str, str, list[K], str]] = []
         for set_key in list(self._partials):
             partial = self._partials[set_key]
             if now - partial.started > self.max_age_s:
@@ -295,18 +294,20 @@ class Reassembler(Generic[K]):
                 why = f"no envelope of the set for {self.idle_s:g} s"
             else:
                 continue
-            dropped.append((set_key[1], self._forget(set_key).keys, why))
+            sender, message_id = set_key
+            dropped.append((sender, message_id, self._forget(set_key).keys, why))
         return dropped
 
     def _forget(self, set_key: tuple[str, str]) -> _Partial[K]:
         partial = self._partials.pop(set_key)
         self._pending_bytes -= partial.size
         self._reserved_bytes -= partial.total_size
-        tally = self._senders[partial.sender]
+        sender = set_key[0]
+        tally = self._senders[sender]
         tally[0] -= 1
         tally[1] -= partial.total_size
         if tally[0] == 0:
-            del self._senders[partial.sender]
+            del self._senders[sender]
         return partial
 
     def _fail(self, set_key: tuple[str, str], why: str) -> ChunkSetError:

@@ -287,7 +287,7 @@ def test_expire_hands_back_an_incomplete_set_once_it_is_too_old() -> None:
     late = reassembler.expire(now=started + 11)
 
     assert early == []
-    assert late == [(chunks[0].message_id, [0, 1], "incomplete after 10 s")]
+    assert late == [("", chunks[0].message_id, [0, 1], "incomplete after 10 s")]
     assert reassembler.pending_bytes == 0
 
 
@@ -299,7 +299,9 @@ def test_a_set_restored_with_its_start_time_expires_by_its_original_age() -> Non
     reassembler.add(chunks[0], 0, started=now - 9)
 
     assert reassembler.expire(now=now) == []
-    assert reassembler.expire(now=now + 2) == [(chunks[0].message_id, [0], "incomplete after 10 s")]
+    assert reassembler.expire(now=now + 2) == [
+        ("", chunks[0].message_id, [0], "incomplete after 10 s")
+    ]
 
 
 def test_expire_keeps_complete_and_fresh_sets_alone() -> None:
@@ -462,7 +464,7 @@ def test_a_set_that_gets_no_envelope_for_the_idle_time_expires_before_its_max_ag
 
     assert reassembler.expire(now=now + 20) == []
     assert reassembler.expire(now=now + 31) == [
-        (chunks[0].message_id, [0], "no envelope of the set for 30 s")
+        ("", chunks[0].message_id, [0], "no envelope of the set for 30 s")
     ]
 
 
@@ -481,8 +483,9 @@ def test_an_expired_set_frees_its_senders_quota() -> None:
     reassembler: Reassembler[int] = Reassembler(max_sets_per_sender=1, idle_s=30.0)
     first, second = first_chunks(2)
     reassembler.add(first, 0, sender="bob")
-    reassembler.expire(now=time.monotonic() + 31)
+    [(sender, _, _, _)] = reassembler.expire(now=time.monotonic() + 31)
 
+    assert sender == "bob"
     assert reassembler.add(second, 1, sender="bob") is None
     assert reassembler.pending_sets == 1
 
