@@ -332,7 +332,7 @@ class RabbitMQTransport(Transport):
         sender = raw.user_id if isinstance(raw.user_id, str) else "not set"
         detail = f"AMQP properties cannot be decoded ({error}); user_id {sender}"
         logger.warning("dead-lettering a message from %s: %s", raw.queue, detail)
-        self._reject_raws([raw], BAD_PROPERTIES, detail)
+        self._refuse([raw], BAD_PROPERTIES, detail)
 
     def _settle_raw(self, handle: Any, ack: bool, requeue: bool) -> None:
         if not isinstance(handle, _Handle):

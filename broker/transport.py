@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,17 @@ class _SetHandle:
     sender: str
 
 
+# What a refused message is when it is settled: taken whole, taken raw, or a held envelope.
+_Refused = Delivery | RawMessage | _Held
 RejectHook = Callable[[str], None]
 MAX_DETAIL = 500
+
+
+def _handles(message: _Refused) -> list[Any]:
+    """The handles that settle a refused message (a held envelope is acked already: none)."""
+    if isinstance(message, Delivery):
+        return message.handles
+    return [message.handle] if isinstance(message, RawMessage) else []
 
 
 def dead_letter_headers(
@@ -228,55 +237,67 @@ class Transport(ABC):
                 self._ready.append(replace(delivery, redelivered=True))
             else:
                 # Its envelopes are acked, so the broker cannot dead-letter it any more.
-                self._dead_letter_set(delivery, "rejected", "")
-                self._drop_set(handle.message_id, handle.sender)
+                self._refuse([delivery], "rejected", count=False)
 
     def reject(self, delivery: Delivery, reason: str, detail: str = "") -> None:
         """Dead-letter a delivery with its reason in a header, then ack it: nothing is lost.
 
         With dead_letters_by_broker, nack it without requeue instead: the broker dead-letters
         it with x-death, and the reason stays with the caller (its log and metrics)."""
-        if self.dead_letters_by_broker:
-            self.nack(delivery, requeue=False)
-            if self.on_reject is not None:
-                self.on_reject(reason)
-            return
-        self.dead_letter(
-            delivery.body, delivery.queue, reason, delivery.headers, detail, delivery.user_id
-        )
-        self.ack(delivery)
+        self._refuse([delivery], reason, detail)
 
-    def dead_letter(
-        self,
-        body: bytes,
-        queue: str,
-        reason: str,
-        headers: dict[str, Any] | None = None,
-        detail: str = "",
-        user_id: str | None = None,
+    def _refuse(
+        self, messages: Sequence[_Refused], reason: str, detail: str = "", count: bool = True
     ) -> None:
-        """Publish a copy of a rejected message to the dead exchange with its reason."""
-        extra = dead_letter_headers(headers or {}, reason, queue, detail, user_id)
-        self.publish(self.topology.dead, "", body, extra)
-        if self.on_reject is not None:
+        """Settle refused messages as dead letters; report the refusal to on_reject if `count`.
+
+        Our copy of each, with the reason headers, is published to the dead exchange before
+        the original is acked. With dead_letters_by_broker (this account may not write the
+        dead exchange) an original still open on the broker is nacked without requeue instead,
+        so that RabbitMQ dead-letters it with x-death; one already acked (a held chunk envelope,
+        or the message its set made) cannot be, and is dropped with a warning.
+        """
+        by_broker = self.dead_letters_by_broker
+        dropped = 0
+        for message in messages:
+            handles = _handles(message)
+            if not by_broker:
+                self._publish_dead_letter(message, reason, detail)
+            elif all(isinstance(handle, _SetHandle) for handle in handles):
+                dropped += 1
+            for handle in handles:
+                if isinstance(handle, _SetHandle):
+                    self._drop_set(handle.message_id, handle.sender)
+                else:
+                    self._settle_raw(handle, ack=not by_broker, requeue=False)
+        # Logged once: a later envelope of a set refused already (not counted) was logged with it.
+        if dropped and (count or isinstance(messages[0], Delivery)):
+            logger.warning(
+                "dropping %d chunk envelopes or chunked messages from %s (%s: %s): they are "
+                "acked, and this account cannot write the dead exchange",
+                dropped,
+                messages[0].queue,
+                reason,
+                detail,
+            )
+        if count and self.on_reject is not None:
             self.on_reject(reason)
 
-    def _dead_letter_set(self, delivery: Delivery, reason: str, detail: str) -> None:
-        """A reassembled message whose envelopes are acked: dead-letter its copy ourselves,
-        or, when the broker does the dead-lettering, drop it (logged once)."""
-        if self.dead_letters_by_broker:
-            logger.warning(
-                "dropping a %d-byte chunked message from %s (%s): its chunks are acked, and this "
-                "account cannot write the dead exchange",
-                len(delivery.body),
-                delivery.queue,
-                reason,
-            )
-            return
+    def _publish_dead_letter(self, message: _Refused, reason: str, detail: str) -> None:
+        """Publish our copy of a refused message, with dead_letter_headers, to the dead exchange."""
+        body = message.body
+        if isinstance(message, _Held) and message.path is not None and self._spool is not None:
+            try:
+                body = self._spool.read(message.path).body
+            except OSError as e:
+                logger.warning("spooled chunk %s is gone: %r", message.path, e)
+                return
         headers = dead_letter_headers(
-            delivery.headers, reason, delivery.queue, detail, delivery.user_id
+            message.headers, reason, message.queue, detail, message.user_id
         )
-        self.publish(self.topology.dead, "", delivery.body, headers)
+        # A reassembled message may need chunks again; an envelope or raw message goes as it came.
+        publish = self.publish if isinstance(message, Delivery) else self._publish_raw
+        publish(self.topology.dead, "", body, headers)
 
     # -------------------------------------------------------------- chunks
 
@@ -330,7 +351,7 @@ class Transport(ABC):
             chunk = decode_chunk(raw.body)
         except ChunkError as e:
             logger.warning("rejecting a chunk from %s: %s", raw.queue, e)
-            self._reject_raws([raw], e.reason, str(e))
+            self._refuse([raw], e.reason, str(e))
             return None
         held = _Held(raw.body, raw.queue, raw.headers, raw.user_id, raw.redelivered)
         if self._reassembler.holds(chunk, self._sender(held)):
@@ -369,7 +390,7 @@ class Transport(ABC):
                 logger.warning(
                     "rejecting chunk set %s from %s: %s", chunk.message_id, held.queue, e
                 )
-            self._dead_letter_held(e.keys, e.reason, str(e), count=e.first)
+            self._refuse(e.keys, e.reason, str(e), count=e.first)
             self._drop_set(chunk.message_id, sender)
             return None
         if held.path is None and self._spool is not None:
@@ -403,38 +424,5 @@ class Transport(ABC):
     def _expire_chunks(self) -> None:
         for sender, message_id, helds, detail in self._reassembler.expire():
             logger.warning("chunk set %s dead-lettered: %s", message_id, detail)
-            self._dead_letter_held(helds, "incomplete_chunks", detail, count=True)
+            self._refuse(helds, "incomplete_chunks", detail)
             self._drop_set(message_id, sender)
-
-    def _dead_letter_held(self, helds: list[_Held], reason: str, detail: str, count: bool) -> None:
-        """Publish held envelopes, unchanged, to the dead exchange with the reason headers.
-
-        With dead_letters_by_broker they are dropped instead: they are acked, so the broker
-        cannot dead-letter them, and this account may not write the dead exchange."""
-        if self.dead_letters_by_broker:
-            if count:
-                logger.warning("dropping %d chunk envelopes (%s): %s", len(helds), reason, detail)
-            helds = []
-        for held in helds:
-            body = held.body
-            if held.path is not None and self._spool is not None:
-                try:
-                    body = self._spool.read(held.path).body
-                except OSError as e:
-                    logger.warning("spooled chunk %s is gone: %r", held.path, e)
-                    continue
-            headers = dead_letter_headers(held.headers, reason, held.queue, detail, held.user_id)
-            self._publish_raw(self.topology.dead, "", body, headers)
-        if count and self.on_reject is not None:
-            self.on_reject(reason)
-
-    def _reject_raws(self, raws: list[RawMessage], reason: str, detail: str = "") -> None:
-        for index, raw in enumerate(raws):
-            if self.dead_letters_by_broker:
-                self._settle_raw(raw.handle, ack=False, requeue=False)
-            else:
-                headers = dead_letter_headers(raw.headers, reason, raw.queue, detail, raw.user_id)
-                self._publish_raw(self.topology.dead, "", raw.body, headers)
-                self._settle_raw(raw.handle, ack=True, requeue=False)
-            if index == 0 and self.on_reject is not None:
-                self.on_reject(reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,40 @@ def test_a_transport_that_dead_letters_by_broker_never_publishes_to_the_dead_exc
     [(_, headers)] = dead_letters(broker)  # only the invalid envelope, by the broker
     assert headers["x-death"][0]["queue"] == TOPOLOGY.updates
     assert broker.depth(TOPOLOGY.updates) == 0
+
+
+def test_a_transport_that_dead_letters_by_broker_drops_a_rejected_chunked_message_with_a_warning(
+    transport: MemoryTransport, broker: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    reasons: list[str] = []
+    transport.on_reject = reasons.append
+    transport.dead_letters_by_broker = True
+    publish_update(transport, bytes(3000))  # its envelopes are acked as they are held
+
+    transport.reject(receive(transport), "malformed", "not msgpack")
+
+    assert dead_letters(broker) == []
+    assert broker.depth(TOPOLOGY.updates) == 0
+    assert reasons == ["malformed"]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "cannot write the dead exchange" in warning
+
+
+def test_a_transport_that_dead_letters_by_broker_drops_a_nacked_chunked_message_uncounted(
+    transport: MemoryTransport, broker: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    reasons: list[str] = []
+    transport.on_reject = reasons.append
+    transport.dead_letters_by_broker = True
+    publish_update(transport, bytes(3000))
+
+    transport.nack(receive(transport), requeue=False)
+
+    assert dead_letters(broker) == []
+    assert transport.receive(TIMEOUT) is None
+    assert reasons == []
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "cannot write the dead exchange" in warning
 
 
 def test_a_rejected_message_is_dead_lettered_with_its_reason_and_source(
