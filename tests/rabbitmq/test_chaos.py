@@ -150,6 +150,8 @@ def test_a_hot_standby_aggregator_takes_over_the_job_when_the_active_one_dies(
     for i in range(2):
         argv_i = ["--worker-id", scratch.worker(f"w{i}"), "--dataset", "digits"]
         argv_i += ["--num-partitions", "2", "--partition-index", str(i), "--threads", "1"]
+        # Slowed down: at full speed the 16 versions can all be made before the kill below.
+        argv_i += ["--slowdown", "20"]
         workers.append(spawn("worker", f"worker-{i}", *argv_i))
     spec = JobSpec(
         name="standby",
