@@ -63,11 +63,28 @@ class JobOutcomes:
             for line in legacy.read_text(encoding="utf-8").splitlines():
                 if line:
                     self._ended[line] = Outcome(line, "finished", "unknown")
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
-                # A line cut short by a crash is not a record.
-                if line.endswith("\n"):
-                    self._add(json.loads(line))
+        # Bytes of the file read so far: a hot standby on the same state dir reads what the
+        # active aggregator appended since (see _catch_up).
+        self._read = 0
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Read the records appended to the file since it was last read (by this process or by
+        another aggregator sharing the state dir)."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(self._read)
+            tail = fh.read()
+        # A line cut short (a crash, or a write under way) is not a record yet.
+        complete = tail[: tail.rfind(b"\n") + 1]
+        for line in complete.decode("utf-8", "replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line a crash cut short, ended by the record written after it
+            self._add(record)
+        self._read += len(complete)
 
     def _add(self, record: dict[str, Any]) -> None:
         job_id = str(record["job_id"])
@@ -81,10 +98,13 @@ class JobOutcomes:
         )
 
     def __contains__(self, job_id: object) -> bool:
-        return job_id in self._ended
+        return self.get(str(job_id)) is not None
 
     def get(self, job_id: str) -> Outcome | None:
-        """The outcome of a job, or None if it has not ended."""
+        """The outcome of a job, or None if it has not ended (here or, for a hot standby, in
+        the active aggregator that shares the state dir)."""
+        if job_id not in self._ended:
+            self._catch_up()
         return self._ended.get(job_id)
 
     def record(
@@ -101,11 +121,14 @@ class JobOutcomes:
             "ended_at": time.time(),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json_text(record) + "\n")
+        self._catch_up()
+        with open(self.path, "ab") as fh:
+            # A line a crash cut short is ended first, so that this record is a line of its own.
+            cut = fh.tell() > self._read
+            fh.write((("\n" if cut else "") + json_text(record) + "\n").encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
-        self._add(record)
+        self._catch_up()
         return self._ended[job_id]
 
     def counts(self) -> dict[str, int]:

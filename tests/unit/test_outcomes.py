@@ -68,3 +68,29 @@ def test_only_the_newest_failed_jobs_are_listed(tmp_path: Path) -> None:
     assert len(listed) == MAX_LISTED
     assert listed[-1]["job_id"] == f"bad-{MAX_LISTED + 4}"
     assert outcomes.counts()["failed"] == MAX_LISTED + 5
+
+
+def test_a_record_written_after_a_line_cut_short_is_read_by_this_reader_and_the_next(
+    tmp_path: Path,
+) -> None:
+    JobOutcomes(tmp_path).record("whole", "max_versions")
+    with open(tmp_path / "job-outcomes.jsonl", "a") as fh:
+        fh.write('{"job_id": "cut", "outc')
+    outcomes = JobOutcomes(tmp_path)
+
+    outcomes.record("after", "cancelled")
+
+    for reader in (outcomes, JobOutcomes(tmp_path)):
+        assert "whole" in reader and "after" in reader and "cut" not in reader
+
+
+def test_a_standby_sharing_the_state_dir_sees_a_job_the_active_aggregator_ended(
+    tmp_path: Path,
+) -> None:
+    standby = JobOutcomes(tmp_path)
+    active = JobOutcomes(tmp_path)
+
+    active.record("job-1", "max_versions")
+    outcome = standby.get("job-1")
+
+    assert outcome is not None and outcome.stop_reason == "max_versions"
