@@ -660,7 +660,7 @@ class AggregatorService:
         evaluated in the background while updates keep coming and tasks go out.
         """
         state = running.state
-        record = state.history[-1] if state.history else None
+        record = state.last_record
         time_s = self.clock() - state.started_at
         self._note_version(running)
         self.metrics.model_version.set(state.version)

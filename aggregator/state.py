@@ -74,7 +74,7 @@ class Discarded:
 
 @dataclass
 class VersionRecord:
-    """What went into one model version: for the history and for exactly-once accounting."""
+    """What went into one model version, for its line of history.jsonl."""
 
     version: int
     round: int | None
@@ -138,7 +138,9 @@ class JobState:
         self.seen_update_ids: set[str] = set()
         # The same ids in the order they were seen: checkpoints log only the ones added since.
         self._seen_order: list[str] = []
-        self.history: list[VersionRecord] = []
+        # The newest version's record (None until one is made, and after a restore): the
+        # service reads it once, as it writes that version's history line.
+        self.last_record: VersionRecord | None = None
         self.accepted = 0
         self.rejected: dict[str, int] = {}
         self._pending = _Pending()
@@ -502,10 +504,8 @@ class JobState:
         weight = sum(n for _, n in p.losses)
         loss = sum(v * n for v, n in p.losses) / weight if weight else None
         self.version += 1
-        self.history.append(
-            VersionRecord(
-                self.version, self.round, now - self.started_at, p.update_ids, p.staleness, loss
-            )
+        self.last_record = VersionRecord(
+            self.version, self.round, now - self.started_at, p.update_ids, p.staleness, loss
         )
         self._pending = _Pending()
         self._buffer.reset()

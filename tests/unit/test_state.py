@@ -162,9 +162,10 @@ def test_each_version_records_the_update_ids_it_folded_in() -> None:
     state.offer(_update([1.0, 1.0], "a", kind="delta", update_id="first"), now=1.0)
     state.offer(_update([1.0, 1.0], "b", kind="delta", update_id="second"), now=2.0)
 
-    (record,) = state.history
+    record = state.last_record
 
-    assert record.version == 1 and record.update_ids == ["first", "second"]
+    assert record is not None and record.version == 1
+    assert record.update_ids == ["first", "second"]
     assert record.time_s == 2.0 and record.train_loss == pytest.approx(0.5)
 
 
