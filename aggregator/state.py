@@ -252,7 +252,12 @@ class JobState:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def offer(self, update: Update, now: float) -> Outcome:
-        """Validate an update and fold it in; may complete a new version."""
+        """Validate an update of this job and fold it in; may complete a new version.
+
+        Which job an update is for is the service's to check (it tells an unknown job from one
+        that ended, and records the latter in that job's run directory): it offers a job's
+        state only that job's updates.
+        """
         # A candidate version that overflows anyway is discarded (_publish) and reported by the
         # service, so numpy's warning would only repeat that.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -316,8 +321,6 @@ class JobState:
         def no(reason: str, detail: str) -> Rejected:
             return Rejected(update.update_id, reason, detail)
 
-        if update.job_id != self.job.job_id:
-            return no("unknown_job", f"update is for job {update.job_id!r}")
         if update.update_id in self.seen_update_ids:
             return no("duplicate", "update id already accounted for")
         if update.base_version > self.version:

@@ -95,7 +95,6 @@ def test_a_duplicate_update_id_is_rejected_and_counted_once() -> None:
 @pytest.mark.parametrize(
     ("update", "reason"),
     [
-        (_update([1.0, 1.0], job="other"), "unknown_job"),
         (_update([1.0, 1.0], base=3), "future_version"),
         (_update([1.0, 1.0], kind="delta"), "wrong_kind"),
         (_update([1.0, 1.0, 1.0]), "bad_shape"),
