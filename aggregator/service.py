@@ -18,7 +18,7 @@ from aggregator.metrics import FAILURE_REASONS, AggregatorMetrics
 from aggregator.outcomes import CANCELLED, JobOutcomes
 from aggregator.output import BEST_MODEL_FILE, MODEL_FILE, RunDirectory
 from aggregator.settings import AggregatorSettings
-from aggregator.state import Accepted, JobState
+from aggregator.state import Accepted, JobState, WorkerRegistry
 from aggregator.tasks import load_task_key
 from broker.spool import ChunkSpool
 from broker.transport import Delivery, Transport
@@ -156,7 +156,8 @@ class AggregatorService:
         self._outcomes = JobOutcomes(Path(settings.state_dir))
         # Signs task ids; kept in the state directory so that a restart still knows its tasks.
         self._task_key = load_task_key(Path(settings.state_dir))
-        self._known_workers: dict[str, tuple[float, int]] = {}
+        # The workers' hellos, while idle and across jobs: each job's state reads them.
+        self._workers = WorkerRegistry()
         self.jobs_done = 0
 
     # ------------------------------------------------------------------ loop
@@ -221,8 +222,7 @@ class AggregatorService:
             if running.stalled is not None:
                 status += " (stalled)"
         else:
-            timeout = self.settings.worker_timeout_s
-            active = sum(1 for seen, _ in self._known_workers.values() if now - seen <= timeout)
+            active = self._workers.active(now, self.settings.worker_timeout_s)
             status = "idle: waiting for a job"
         # Set here as well as on dispatch: workers that went silent must drop out of the gauge.
         self.metrics.workers_active.set(active)
@@ -350,9 +350,8 @@ class AggregatorService:
             return
         self.transport.ack(delivery)
         now = self.clock()
-        self._known_workers[hello.worker_id] = (now, hello.num_samples)
+        self._workers.note_hello(hello.worker_id, now)
         if self._job is not None:
-            self._job.state.note_worker(hello.worker_id, now, hello.num_samples)
             self._job.state.note_idle(hello.worker_id, now)
 
     def _on_failure(self, failure: Failure, delivery: Delivery) -> None:
@@ -548,9 +547,8 @@ class AggregatorService:
             self.settings.worker_timeout_s,
             buffer_names(built),
             task_key=self._task_key,
+            registry=self._workers,
         )
-        for worker_id, (seen, samples) in self._known_workers.items():
-            state.note_worker(worker_id, seen, samples)
         store = CheckpointStore(output_dir / "checkpoints")
         running = _Running(job, delivery, state, evaluator, RunDirectory(output_dir), store)
         running.last_version_at = self.clock()
