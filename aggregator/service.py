@@ -8,7 +8,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from aggregator.metrics import FAILURE_REASONS, AggregatorMetrics
 from aggregator.outcomes import CANCELLED, JobOutcomes
 from aggregator.output import BEST_MODEL_FILE, MODEL_FILE, RunDirectory
 from aggregator.settings import AggregatorSettings
-from aggregator.state import Accepted, JobState
+from aggregator.state import Accepted, JobState, WorkerRegistry
 from aggregator.tasks import load_task_key
 from broker.spool import ChunkSpool
 from broker.transport import Delivery, Transport
@@ -48,6 +48,43 @@ STALL_AFTER_MIN_S = 300.0
 
 
 @dataclass
+class JobFigures:
+    """The service's own figures of a job (its state machine keeps the rest): kept in its
+    checkpoints under these names, and read by its summary, its status and its tasks."""
+
+    last_evaluated: int | None = None
+    best_accuracy: float = 0.0
+    # The version saved as model-best.safetensors (None until an evaluation succeeded).
+    best_version: int | None = None
+    last_accuracy: float | None = None
+    last_loss: float | None = None
+    time_to_target_s: float | None = None
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    # Updates of candidate versions discarded as not finite (rejections.jsonl's
+    # version_not_finite); checkpointed with the state that no longer holds them.
+    updates_discarded: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as a checkpoint keeps them."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> JobFigures:
+        """The figures a checkpoint kept; one an older checkpoint lacks (last_evaluated,
+        best_version, updates_discarded) takes its default, and other keys are not figures."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in saved:
+                value, default = saved[f.name], f.default
+                # A figure whose default is a number is taken as that number's type.
+                if isinstance(default, (int, float)):
+                    value = type(default)(value)
+                values[f.name] = value
+        return cls(**values)
+
+
+@dataclass
 class _Running:
     """The job being trained, with what the service holds for it besides the state machine."""
 
@@ -65,15 +102,7 @@ class _Running:
     # History lines wait here, in version order, while their version is being evaluated.
     unwritten: deque[dict[str, Any]] = field(default_factory=deque)
     awaiting: set[int] = field(default_factory=set)
-    last_evaluated: int | None = None
-    best_accuracy: float = 0.0
-    # The version saved as model-best.safetensors (None until an evaluation succeeded).
-    best_version: int | None = None
-    last_accuracy: float | None = None
-    last_loss: float | None = None
-    time_to_target_s: float | None = None
-    bytes_received: int = 0
-    bytes_sent: int = 0
+    figures: JobFigures = field(default_factory=JobFigures)
     # A job that cannot progress (docs/monitoring.md, "Jobs that cannot progress"): when the
     # newest version appeared, why the job is stalled (None while it is not), why its global
     # model is unusable (it then ends as `diverged`), and how many evaluations were not finite.
@@ -81,9 +110,6 @@ class _Running:
     stalled: str | None = None
     diverged: str | None = None
     evaluations_nonfinite: int = 0
-    # Updates of candidate versions discarded as not finite (rejections.jsonl's
-    # version_not_finite); checkpointed with the state that no longer holds them.
-    updates_discarded: int = 0
     # A stop reason the service decided on (an operator's cancel), ahead of the stop rules,
     # and what job-outcomes.jsonl says about it.
     stop_requested: str | None = None
@@ -130,7 +156,8 @@ class AggregatorService:
         self._outcomes = JobOutcomes(Path(settings.state_dir))
         # Signs task ids; kept in the state directory so that a restart still knows its tasks.
         self._task_key = load_task_key(Path(settings.state_dir))
-        self._known_workers: dict[str, tuple[float, int]] = {}
+        # The workers' hellos, while idle and across jobs: each job's state reads them.
+        self._workers = WorkerRegistry()
         self.jobs_done = 0
 
     # ------------------------------------------------------------------ loop
@@ -195,8 +222,7 @@ class AggregatorService:
             if running.stalled is not None:
                 status += " (stalled)"
         else:
-            timeout = self.settings.worker_timeout_s
-            active = sum(1 for seen, _ in self._known_workers.values() if now - seen <= timeout)
+            active = self._workers.active(now, self.settings.worker_timeout_s)
             status = "idle: waiting for a job"
         # Set here as well as on dispatch: workers that went silent must drop out of the gauge.
         self.metrics.workers_active.set(active)
@@ -238,9 +264,9 @@ class AggregatorService:
                 "model": spec.model.name,
                 "version": state.version,
                 "round": state.round,
-                "accuracy": running.last_accuracy,
-                "loss": running.last_loss,
-                "best_accuracy": running.best_accuracy,
+                "accuracy": running.figures.last_accuracy,
+                "loss": running.figures.last_loss,
+                "best_accuracy": running.figures.best_accuracy,
                 "updates_accepted": state.accepted,
                 # Accepted, not yet acked: they wait for the next checkpoint.
                 "updates_held": len(running.unacked),
@@ -324,9 +350,8 @@ class AggregatorService:
             return
         self.transport.ack(delivery)
         now = self.clock()
-        self._known_workers[hello.worker_id] = (now, hello.num_samples)
+        self._workers.note_hello(hello.worker_id, now)
         if self._job is not None:
-            self._job.state.note_worker(hello.worker_id, now, hello.num_samples)
             self._job.state.note_idle(hello.worker_id, now)
 
     def _on_failure(self, failure: Failure, delivery: Delivery) -> None:
@@ -383,7 +408,7 @@ class AggregatorService:
                 run.append_rejection(_rejection(update, reason, detail))
             self.transport.reject(delivery, reason, detail)
             return
-        running.bytes_received += len(delivery.body)
+        running.figures.bytes_received += len(delivery.body)
         self.metrics.bytes_received.inc(len(delivery.body))
         started = time.perf_counter()
         outcome = running.state.offer(update, self.clock())
@@ -522,9 +547,8 @@ class AggregatorService:
             self.settings.worker_timeout_s,
             buffer_names(built),
             task_key=self._task_key,
+            registry=self._workers,
         )
-        for worker_id, (seen, samples) in self._known_workers.items():
-            state.note_worker(worker_id, seen, samples)
         store = CheckpointStore(output_dir / "checkpoints")
         running = _Running(job, delivery, state, evaluator, RunDirectory(output_dir), store)
         running.last_version_at = self.clock()
@@ -595,7 +619,7 @@ class AggregatorService:
                 # deleted), not about the service: it is left out of this job.
                 self._no_task_queue(running, worker_id, str(e))
                 continue
-            running.bytes_sent += len(body)
+            running.figures.bytes_sent += len(body)
             self.metrics.bytes_sent.inc(len(body))
             state.note_task(worker_id, task.task_id, now)
         self.metrics.workers_active.set(len(state.alive_workers(now)))
@@ -626,18 +650,7 @@ class AggregatorService:
 
     def _checkpoint(self, running: _Running) -> None:
         """Make the state durable, then ack every update it includes."""
-        figures = {
-            "best_accuracy": running.best_accuracy,
-            "best_version": running.best_version,
-            "last_accuracy": running.last_accuracy,
-            "last_loss": running.last_loss,
-            "time_to_target_s": running.time_to_target_s,
-            "bytes_received": running.bytes_received,
-            "bytes_sent": running.bytes_sent,
-            "unwritten_history": list(running.unwritten),
-            "last_evaluated": running.last_evaluated,
-            "updates_discarded": running.updates_discarded,
-        }
+        figures = running.figures.to_dict() | {"unwritten_history": list(running.unwritten)}
         snap = running.state.snapshot(self.clock())
         running.checkpoints.save(running.job.job_id, snap, figures)
         for delivery in running.unacked:
@@ -660,7 +673,7 @@ class AggregatorService:
         evaluated in the background while updates keep coming and tasks go out.
         """
         state = running.state
-        record = state.history[-1] if state.history else None
+        record = state.last_record
         time_s = self.clock() - state.started_at
         self._note_version(running)
         self.metrics.model_version.set(state.version)
@@ -696,6 +709,7 @@ class AggregatorService:
 
     def _apply_evaluations(self, running: _Running, evaluations: list[Evaluation]) -> None:
         """Take finished evaluations into the figures, the metrics and the waiting lines."""
+        figures = running.figures
         for evaluation in evaluations:
             version = evaluation.version
             running.awaiting.discard(version)
@@ -706,9 +720,9 @@ class AggregatorService:
             if not (math.isfinite(accuracy) and math.isfinite(loss)):
                 self._note_nonfinite_evaluation(running, version, accuracy, loss)
                 continue
-            running.last_evaluated = version
-            running.last_accuracy, running.last_loss = accuracy, loss
-            if running.best_version is None or accuracy > running.best_accuracy:
+            figures.last_evaluated = version
+            figures.last_accuracy, figures.last_loss = accuracy, loss
+            if figures.best_version is None or accuracy > figures.best_accuracy:
                 self._save_best(running, evaluation)
             self.metrics.eval_accuracy.set(accuracy)
             self.metrics.eval_loss.set(loss)
@@ -719,14 +733,15 @@ class AggregatorService:
                 record["accuracy"], record["loss"] = accuracy, loss
                 # The time of the version, not of its evaluation, which came later.
                 reached = target is not None and accuracy >= target
-                if reached and running.time_to_target_s is None:
-                    running.time_to_target_s = record["time_s"]
+                if reached and figures.time_to_target_s is None:
+                    figures.time_to_target_s = record["time_s"]
         self._write_history(running)
 
     def _save_best(self, running: _Running, evaluation: Evaluation) -> None:
         """Write the evaluated tensors as model-best.safetensors now, so a crash keeps them."""
         assert evaluation.accuracy is not None
-        running.best_accuracy, running.best_version = evaluation.accuracy, evaluation.version
+        figures = running.figures
+        figures.best_accuracy, figures.best_version = evaluation.accuracy, evaluation.version
         running.output.write_model(
             evaluation.tensors,
             _model_metadata(running, "best", evaluation.version, evaluation.accuracy),
@@ -755,7 +770,7 @@ class AggregatorService:
             return "diverged"
         if (
             stop.target_accuracy is not None
-            and (running.last_accuracy or 0.0) >= stop.target_accuracy
+            and (running.figures.last_accuracy or 0.0) >= stop.target_accuracy
         ):
             return "target_accuracy"
         if stop.max_versions is not None and state.version >= stop.max_versions:
@@ -769,7 +784,7 @@ class AggregatorService:
         reason = self._stop_reason(running) or "stopped"
         self._apply_evaluations(running, running.evaluator.wait())
         # A diverged model is not scored: its NaN would say nothing the log does not.
-        if running.last_evaluated != state.version and running.diverged is None:
+        if running.figures.last_evaluated != state.version and running.diverged is None:
             # The final model is always scored, whatever eval_every skipped.
             running.awaiting.add(state.version)
             final = running.evaluator.evaluate_now(state.version, state.model)
@@ -804,12 +819,13 @@ class AggregatorService:
         self.metrics.job_running.set(0)
         self.metrics.job_stalled.set(0)
         self.metrics.jobs_completed.inc()
+        accuracy = running.figures.last_accuracy
         logger.info(
             "job %s finished (%s): version %d, accuracy %s",
             running.job.job_id,
             reason,
             state.version,
-            "n/a" if running.last_accuracy is None else f"{running.last_accuracy:.4f}",
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
         )
 
     # ------------------------------------------------------------------ progress checks
@@ -844,7 +860,7 @@ class AggregatorService:
         updates listed in rejections.jsonl; the job goes on from the last good version."""
         for discarded in running.state.take_discarded():
             self.metrics.versions_discarded.inc()
-            running.updates_discarded += len(discarded.update_ids)
+            running.figures.updates_discarded += len(discarded.update_ids)
             logger.warning(
                 "job %s: %s (updates %s); the model stays version %d and the job goes on",
                 running.job.job_id,
@@ -896,7 +912,7 @@ class AggregatorService:
         return max(STALL_AFTER_MIN_S, 3 * job.spec.strategy.round_deadline_s)
 
     def _summary(self, running: _Running, reason: str) -> dict[str, Any]:
-        state, spec = running.state, running.job.spec
+        state, spec, figures = running.state, running.job.spec, running.figures
         target = spec.stop.target_accuracy
         return {
             "job_id": running.job.job_id,
@@ -906,11 +922,11 @@ class AggregatorService:
             "model": spec.model.name,
             "stop_reason": reason,
             "target_accuracy": target,
-            "reached_target": running.time_to_target_s is not None,
-            "time_to_target_s": running.time_to_target_s,
-            "final_accuracy": running.last_accuracy,
-            "final_loss": running.last_loss,
-            "best_accuracy": max(running.best_accuracy, running.last_accuracy or 0.0),
+            "reached_target": figures.time_to_target_s is not None,
+            "time_to_target_s": figures.time_to_target_s,
+            "final_accuracy": figures.last_accuracy,
+            "final_loss": figures.last_loss,
+            "best_accuracy": max(figures.best_accuracy, figures.last_accuracy or 0.0),
             "models": _models(running),
             "versions": state.version,
             "rounds": state.round,
@@ -918,11 +934,11 @@ class AggregatorService:
             "updates_rejected": sum(state.rejected.values()),
             "rejected_by_reason": dict(state.rejected),
             "updates_unfolded": len(state.pending_update_ids),
-            "updates_discarded": running.updates_discarded,
+            "updates_discarded": figures.updates_discarded,
             "workers": sorted(state.workers),
             "wall_time_s": self.clock() - state.started_at,
-            "bytes_received": running.bytes_received,
-            "bytes_sent": running.bytes_sent,
+            "bytes_received": figures.bytes_received,
+            "bytes_sent": figures.bytes_sent,
             "spec": to_dict(spec),
         }
 
@@ -936,11 +952,12 @@ def _training_for(job: Job, kind: str) -> TrainingConfig:
 def _version_metrics(running: _Running) -> dict[str, float]:
     """The newest finite evaluation, for a task's model: a NaN there would make every worker
     refuse every task (the encoder refuses it too, but a task must never get that far)."""
+    figures = running.figures
     out: dict[str, float] = {}
-    if running.last_accuracy is not None:
-        out["accuracy"] = running.last_accuracy
-    if running.last_loss is not None:
-        out["loss"] = running.last_loss
+    if figures.last_accuracy is not None:
+        out["accuracy"] = figures.last_accuracy
+    if figures.last_loss is not None:
+        out["loss"] = figures.last_loss
     return {key: value for key, value in out.items() if math.isfinite(value)}
 
 
@@ -959,16 +976,16 @@ def _model_metadata(
 
 def _models(running: _Running) -> dict[str, Any]:
     """summary.json's `models`: which file holds which version, with its held-out accuracy."""
-    state = running.state
-    last = running.last_accuracy if running.last_evaluated == state.version else None
+    version, figures = running.state.version, running.figures
+    last = figures.last_accuracy if figures.last_evaluated == version else None
     best = None
-    if running.best_version is not None:
+    if figures.best_version is not None:
         best = {
             "file": BEST_MODEL_FILE,
-            "version": running.best_version,
-            "accuracy": running.best_accuracy,
+            "version": figures.best_version,
+            "accuracy": figures.best_accuracy,
         }
-    return {"last": {"file": MODEL_FILE, "version": state.version, "accuracy": last}, "best": best}
+    return {"last": {"file": MODEL_FILE, "version": version, "accuracy": last}, "best": best}
 
 
 def _rejection(update: Update, reason: str, detail: str) -> dict[str, str]:
@@ -983,18 +1000,10 @@ def _rejection(update: Update, reason: str, detail: str) -> dict[str, str]:
 
 def _restore_figures(running: _Running, figures: dict[str, Any]) -> None:
     """Take back the service's own figures of a job from its checkpoint."""
-    running.best_accuracy = float(figures["best_accuracy"])
-    running.last_accuracy = figures["last_accuracy"]
-    running.last_loss = figures["last_loss"]
-    running.time_to_target_s = figures["time_to_target_s"]
-    running.bytes_received = int(figures["bytes_received"])
-    running.bytes_sent = int(figures["bytes_sent"])
-    running.last_evaluated = figures.get("last_evaluated")
-    running.best_version = figures.get("best_version")
-    running.updates_discarded = int(figures.get("updates_discarded", 0))
+    running.figures = restored = JobFigures.from_dict(figures)
     # The best model is written as soon as its evaluation is in, which may be after the
     # checkpoint: the file on disk, not the checkpoint, says which version it holds.
     best = running.output.model_metadata(BEST_MODEL_FILE)
     if best is not None and best.get("job_id") == running.job.job_id:
-        running.best_version = int(best["version"])
-        running.best_accuracy = max(running.best_accuracy, float(best["accuracy"]))
+        restored.best_version = int(best["version"])
+        restored.best_accuracy = max(restored.best_accuracy, float(best["accuracy"]))

@@ -74,7 +74,7 @@ class Discarded:
 
 @dataclass
 class VersionRecord:
-    """What went into one model version: for the history and for exactly-once accounting."""
+    """What went into one model version, for its line of history.jsonl."""
 
     version: int
     round: int | None
@@ -89,12 +89,35 @@ class VersionRecord:
         return sum(self.staleness) / len(self.staleness) if self.staleness else 0.0
 
 
+class WorkerRegistry:
+    """When each worker last said hello: the service keeps one for all its jobs, and each job's
+    state reads it, so a hello that came before a job started counts in that job."""
+
+    def __init__(self) -> None:
+        self._hellos: dict[str, float] = {}
+
+    def note_hello(self, worker_id: str, now: float) -> None:
+        """A worker said hello (it is alive, and idle)."""
+        self._hellos[worker_id] = now
+
+    def last_hello(self, worker_id: str) -> float:
+        """When the worker last said hello (-inf if never)."""
+        return self._hellos.get(worker_id, -math.inf)
+
+    def ids(self) -> set[str]:
+        """Every worker that said hello."""
+        return set(self._hellos)
+
+    def active(self, now: float, timeout_s: float) -> int:
+        """How many workers said hello within timeout_s."""
+        return sum(1 for seen in self._hellos.values() if now - seen <= timeout_s)
+
+
 @dataclass
 class WorkerInfo:
-    """What the aggregator knows of one worker."""
+    """What one job knows of a worker besides its hellos: its task and its updates."""
 
-    last_seen: float
-    num_samples: int = 0
+    last_update: float = -math.inf
     task_id: str | None = None
     task_issued_at: float = 0.0
     updates: int = 0
@@ -121,6 +144,7 @@ class JobState:
         worker_timeout_s: float,
         buffers: Collection[str] = (),
         task_key: bytes | None = None,
+        registry: WorkerRegistry | None = None,
     ):
         self.job = job
         self.strategy = job.spec.strategy
@@ -132,13 +156,18 @@ class JobState:
         self.round = 0 if self.strategy.name == "fedavg" else None
         self.started_at = started_at
         self.worker_timeout_s = worker_timeout_s
-        self.workers: dict[str, WorkerInfo] = {}
+        # The workers' hellos (the service's registry, shared by its jobs; a fresh one
+        # otherwise), and what this job knows of each worker besides them.
+        self.registry = registry if registry is not None else WorkerRegistry()
+        self._workers: dict[str, WorkerInfo] = {}
         # Workers that reported they cannot train this job: (reason, detail); no more tasks.
         self.failed: dict[str, tuple[str, str]] = {}
         self.seen_update_ids: set[str] = set()
         # The same ids in the order they were seen: checkpoints log only the ones added since.
         self._seen_order: list[str] = []
-        self.history: list[VersionRecord] = []
+        # The newest version's record (None until one is made, and after a restore): the
+        # service reads it once, as it writes that version's history line.
+        self.last_record: VersionRecord | None = None
         self.accepted = 0
         self.rejected: dict[str, int] = {}
         self._pending = _Pending()
@@ -176,22 +205,25 @@ class JobState:
 
     # ------------------------------------------------------------------ workers
 
-    def note_worker(self, worker_id: str, now: float, num_samples: int = 0) -> None:
-        """Record that a worker is alive (hello or update)."""
-        info = self.workers.setdefault(worker_id, WorkerInfo(last_seen=now))
-        info.last_seen = now
-        if num_samples:
-            info.num_samples = num_samples
+    @property
+    def workers(self) -> set[str]:
+        """Every worker the job knows of: those that said hello (before it started too) and
+        those that sent it an update."""
+        return self.registry.ids() | self._workers.keys()
+
+    def note_worker(self, worker_id: str, now: float) -> None:
+        """Record a worker's hello (in the registry, where the service records them)."""
+        self.registry.note_hello(worker_id, now)
 
     def note_idle(self, worker_id: str, now: float) -> None:
         """A worker said it is idle: a task it holds for too long was lost, so forget it."""
-        info = self.workers.get(worker_id)
+        info = self._workers.get(worker_id)
         if info and info.task_id and now - info.task_issued_at > REISSUE_GRACE_S:
             info.task_id = None
 
     def note_task(self, worker_id: str, task_id: str, now: float) -> None:
         """Record that a task was sent to a worker."""
-        info = self.workers.setdefault(worker_id, WorkerInfo(last_seen=now))
+        info = self._workers.setdefault(worker_id, WorkerInfo())
         info.task_id, info.task_issued_at = task_id, now
         if self.round is not None:
             self._round_selected.add(worker_id)
@@ -208,7 +240,7 @@ class JobState:
     def note_failure(self, worker_id: str, task_id: str, reason: str, detail: str) -> bool:
         """A worker cannot train this job: it gets no more tasks for it, and a round no longer
         waits for it. Return whether this is its first failure in the job."""
-        info = self.workers.get(worker_id)
+        info = self._workers.get(worker_id)
         if info is not None and info.task_id == task_id:
             info.task_id = None
         if worker_id not in self._round_contributors:
@@ -217,18 +249,28 @@ class JobState:
         self.failed[worker_id] = (reason, detail)
         return first
 
+    def _task_of(self, worker_id: str) -> str | None:
+        info = self._workers.get(worker_id)
+        return info.task_id if info is not None else None
+
+    def _last_seen(self, worker_id: str) -> float:
+        """When the worker was last heard from: its last hello or its last accepted update."""
+        info = self._workers.get(worker_id)
+        last_update = info.last_update if info is not None else -math.inf
+        return max(self.registry.last_hello(worker_id), last_update)
+
     def alive_workers(self, now: float) -> list[str]:
         """Workers seen recently or working on a task, in id order; not those that failed."""
         return sorted(
             w
-            for w, info in self.workers.items()
+            for w in self.workers
             if w not in self.failed
-            and (info.task_id is not None or now - info.last_seen <= self.worker_timeout_s)
+            and (self._task_of(w) is not None or now - self._last_seen(w) <= self.worker_timeout_s)
         )
 
     def workers_to_task(self, now: float) -> list[str]:
         """Which workers should be sent a task with the current model now."""
-        idle = [w for w in self.alive_workers(now) if self.workers[w].task_id is None]
+        idle = [w for w in self.alive_workers(now) if self._task_of(w) is None]
         if self.round is None:
             return idle
         # Synchronous: each worker trains at most once per round; with fraction < 1 a sample
@@ -250,7 +292,12 @@ class JobState:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def offer(self, update: Update, now: float) -> Outcome:
-        """Validate an update and fold it in; may complete a new version."""
+        """Validate an update of this job and fold it in; may complete a new version.
+
+        Which job an update is for is the service's to check (it tells an unknown job from one
+        that ended, and records the latter in that job's run directory): it offers a job's
+        state only that job's updates.
+        """
         # A candidate version that overflows anyway is discarded (_publish) and reported by the
         # service, so numpy's warning would only repeat that.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -283,8 +330,8 @@ class JobState:
         self._pending.slots.append(slot)
         self.missed_deadline.discard(update.worker_id)
         staleness = self.version - update.base_version
-        self.note_worker(update.worker_id, now, update.num_samples)
-        info = self.workers[update.worker_id]
+        info = self._workers.setdefault(update.worker_id, WorkerInfo())
+        info.last_update = now
         info.updates += 1
         if info.task_id == update.task_id:
             info.task_id = None
@@ -314,8 +361,6 @@ class JobState:
         def no(reason: str, detail: str) -> Rejected:
             return Rejected(update.update_id, reason, detail)
 
-        if update.job_id != self.job.job_id:
-            return no("unknown_job", f"update is for job {update.job_id!r}")
         if update.update_id in self.seen_update_ids:
             return no("duplicate", "update id already accounted for")
         if update.base_version > self.version:
@@ -502,10 +547,8 @@ class JobState:
         weight = sum(n for _, n in p.losses)
         loss = sum(v * n for v, n in p.losses) / weight if weight else None
         self.version += 1
-        self.history.append(
-            VersionRecord(
-                self.version, self.round, now - self.started_at, p.update_ids, p.staleness, loss
-            )
+        self.last_record = VersionRecord(
+            self.version, self.round, now - self.started_at, p.update_ids, p.staleness, loss
         )
         self._pending = _Pending()
         self._buffer.reset()
@@ -523,7 +566,7 @@ class JobState:
         self._round_started = now
         self._round_selected = set()
         self._round_contributors = set()
-        for info in self.workers.values():
+        for info in self._workers.values():
             info.task_id = None
 
     @property

@@ -238,6 +238,25 @@ def test_an_update_for_an_ended_job_is_recorded_in_that_job_s_rejections_file(
 
 
 @pytest.mark.timeout(60)
+def test_an_update_for_another_job_than_the_running_one_is_rejected_as_unknown_job(
+    memory: MemoryBroker, tmp_path: Path
+) -> None:
+    aggregator = _aggregator(memory, tmp_path)
+    _publish(memory, Job("running", _spec()))
+    aggregator.run_until_idle()
+
+    _publish(memory, _update("other", "stray"), exchange=TOPOLOGY.updates)
+    aggregator.run_until_idle()
+
+    assert aggregator._job is not None and aggregator._job.job.job_id == "running"
+    assert aggregator._job.state.rejected == {}
+    assert "stray" not in aggregator._job.state.seen_update_ids
+    assert _lines(tmp_path / "jobs" / "running" / "rejections.jsonl") == []
+    assert not (tmp_path / "jobs" / "other").exists()
+    assert [reason for reason, _ in dead_letters(memory)] == ["unknown_job"]
+
+
+@pytest.mark.timeout(60)
 def test_a_job_that_leaves_its_model_shape_out_gets_its_evaluation_data_s(
     memory: MemoryBroker, tmp_path: Path
 ) -> None:

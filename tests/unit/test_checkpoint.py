@@ -19,6 +19,7 @@ from aggregator.checkpoint import (
     decode_checkpoint,
     encode_checkpoint,
 )
+from aggregator.service import JobFigures
 from aggregator.state import JobState, Rejected
 from shared.jobs import JobSpec, StrategyConfig
 from shared.messages import Job, Update
@@ -272,3 +273,46 @@ def test_a_checkpoint_from_before_task_ids_were_checked_restores_with_no_task_us
 
     assert restored.used_tasks == set()
     assert restored.seen_update_ids == {"id-000000", "id-000001", "id-000002"}
+
+
+# The service's figures, as checkpoints have kept them (before best_version, last_evaluated and
+# updates_discarded were added, and since), with the history lines that wait for a score.
+_OLD_FIGURES = {
+    "best_accuracy": 0.5,
+    "last_accuracy": 0.25,
+    "last_loss": 1.5,
+    "time_to_target_s": None,
+    "bytes_received": 100,
+    "bytes_sent": 200,
+    "unwritten_history": [],
+}
+_FIGURES = _OLD_FIGURES | {"best_version": 3, "last_evaluated": 4, "updates_discarded": 2}
+
+
+def test_the_job_figures_are_checkpointed_under_the_names_checkpoints_have_always_used() -> None:
+    figures = JobFigures.from_dict(_FIGURES)
+
+    assert figures.to_dict() | {"unwritten_history": []} == _FIGURES
+
+
+def test_the_figures_of_a_checkpoint_written_before_later_figures_take_their_defaults() -> None:
+    figures = JobFigures.from_dict(_OLD_FIGURES)
+
+    assert figures == JobFigures(
+        best_accuracy=0.5, last_accuracy=0.25, last_loss=1.5, bytes_received=100, bytes_sent=200
+    )
+    assert (figures.best_version, figures.last_evaluated, figures.updates_discarded) == (
+        None,
+        None,
+        0,
+    )
+
+
+def test_the_job_figures_survive_a_checkpoint_file() -> None:
+    figures = JobFigures(best_accuracy=0.75, best_version=2, bytes_sent=9, updates_discarded=1)
+
+    _, _, kept = decode_checkpoint(
+        encode_checkpoint("job1", _state().snapshot(1.0), figures.to_dict())
+    )
+
+    assert JobFigures.from_dict(kept) == figures

@@ -124,7 +124,8 @@ def test_a_candidate_version_that_is_not_finite_is_discarded_and_the_job_goes_on
 
     assert isinstance(outcomes[1], Accepted) and outcomes[1].new_version == 1
     np.testing.assert_allclose(state.model["w"], [2.0, 2.0, 2.0])
-    assert state.history[0].update_ids == [u.update_id for u in honest]
+    assert state.last_record is not None
+    assert state.last_record.update_ids == [u.update_id for u in honest]
 
 
 def test_a_fedavg_round_whose_mean_is_not_finite_is_discarded_and_run_again() -> None:

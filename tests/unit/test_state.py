@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 from known_task_key import KEY, task_id
 
-from aggregator.state import Accepted, JobState, Rejected
+from aggregator.state import Accepted, JobState, Rejected, WorkerRegistry
 from shared.jobs import JobSpec, StrategyConfig
 from shared.messages import Job, Update
 
 _ids = itertools.count()
 
 
-def _state(**strategy: object) -> JobState:
+def _state(registry: WorkerRegistry | None = None, **strategy: object) -> JobState:
     spec = JobSpec(strategy=StrategyConfig(**strategy))  # type: ignore[arg-type]
     initial = {"w": np.zeros(2, np.float32), "steps": np.array(0, np.int64)}
-    return JobState(Job("job1", spec), initial, started_at=0.0, worker_timeout_s=60, task_key=KEY)
+    return JobState(
+        Job("job1", spec),
+        initial,
+        started_at=0.0,
+        worker_timeout_s=60,
+        task_key=KEY,
+        registry=registry,
+    )
 
 
 def _update(
@@ -95,7 +102,6 @@ def test_a_duplicate_update_id_is_rejected_and_counted_once() -> None:
 @pytest.mark.parametrize(
     ("update", "reason"),
     [
-        (_update([1.0, 1.0], job="other"), "unknown_job"),
         (_update([1.0, 1.0], base=3), "future_version"),
         (_update([1.0, 1.0], kind="delta"), "wrong_kind"),
         (_update([1.0, 1.0, 1.0]), "bad_shape"),
@@ -162,9 +168,10 @@ def test_each_version_records_the_update_ids_it_folded_in() -> None:
     state.offer(_update([1.0, 1.0], "a", kind="delta", update_id="first"), now=1.0)
     state.offer(_update([1.0, 1.0], "b", kind="delta", update_id="second"), now=2.0)
 
-    (record,) = state.history
+    record = state.last_record
 
-    assert record.version == 1 and record.update_ids == ["first", "second"]
+    assert record is not None and record.version == 1
+    assert record.update_ids == ["first", "second"]
     assert record.time_s == 2.0 and record.train_loss == pytest.approx(0.5)
 
 
@@ -183,6 +190,31 @@ def test_workers_not_seen_for_longer_than_the_timeout_get_no_task() -> None:
     state.note_worker("here", 100.0)
 
     assert state.workers_to_task(now=100.0) == ["here"]
+
+
+def test_a_job_counts_the_hellos_its_registry_received_before_it_started() -> None:
+    registry = WorkerRegistry()
+    registry.note_hello("early", 0.0)
+    registry.note_hello("gone", -100.0)
+
+    state = _state(registry, name="fedasync")
+
+    assert state.workers == {"early", "gone"}
+    assert state.workers_to_task(now=1.0) == ["early"]
+
+
+def test_an_update_keeps_its_worker_alive_in_its_job_but_is_no_hello_for_the_next() -> None:
+    registry = WorkerRegistry()
+    first = _state(registry, name="fedbuff", buffer_size=5)
+    first.note_worker("a", 0.0)
+    outcome = first.offer(_update([1.0, 1.0], "a", kind="delta"), now=50.0)
+
+    second = _state(registry, name="fedbuff", buffer_size=5)
+
+    assert isinstance(outcome, Accepted)
+    assert first.alive_workers(now=100.0) == ["a"], "seen 50 s ago, by its update"
+    assert second.alive_workers(now=100.0) == [], "its last hello was 100 s ago"
+    assert registry.active(now=100.0, timeout_s=60) == 0
 
 
 def test_a_worker_trains_at_most_once_per_synchronous_round() -> None:
