@@ -87,39 +87,17 @@ def aggregator_status(base_url: str) -> dict[str, Any]:
 
 
 def broker_backlog(url: str, prefix: str) -> dict[str, Any]:
-    """Messages ready in the updates and jobs queues (a passive declare; needs only pika).
+    """Messages ready in the updates and jobs queues (a passive declare).
 
     Messages delivered but unacknowledged are not counted here: RabbitMQ tells those only
     through its management API or rabbitmqctl. The aggregator's own share of them (accepted
     updates waiting for a checkpoint) is `updates_held` from /status.
     """
-    import pika
-    import pika.exceptions
+    from broker.rabbitmq import queues_ready  # pika only when --broker asks for it
 
     topology = Topology(prefix)
-    params = pika.URLParameters(url)
-    params.connection_attempts = 1
-    params.socket_timeout = _TIMEOUT_S
-    params.blocked_connection_timeout = _TIMEOUT_S
-    out: dict[str, Any] = {}
-    try:
-        connection = pika.BlockingConnection(params)
-    except pika.exceptions.AMQPError as e:
-        raise FedqError(f"cannot reach the broker at {params.host}:{params.port}: {e!r}") from e
-    try:
-        for key, queue in (("updates_ready", topology.updates), ("jobs_ready", topology.jobs)):
-            channel = connection.channel()
-            try:
-                frame = channel.queue_declare(queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                raise FedqError(f"queue {queue!r}: {e.reply_text}") from e
-            out[key] = int(frame.method.message_count)
-            if channel.is_open:
-                channel.close()
-    finally:
-        if connection.is_open:
-            connection.close()
-    return out
+    ready = queues_ready(url, [topology.updates, topology.jobs], _TIMEOUT_S)
+    return {"updates_ready": ready[topology.updates], "jobs_ready": ready[topology.jobs]}
 
 
 def _fmt(value: Any, spec: str = "") -> str:

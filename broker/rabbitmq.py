@@ -711,3 +711,33 @@ def _refusal(what: str, error: Exception, publishing: bool) -> TransportError:
     if isinstance(error, pika.exceptions.ChannelClosedByBroker):
         return kind(f"{what}: the broker refused it: {error.reply_code} {error.reply_text}")
     return kind(f"{what} failed: {error!r}")
+
+
+def queues_ready(url: str, queues: list[str], timeout_s: float) -> dict[str, int]:
+    """Messages ready in each queue, by a passive declare on a short-lived connection (what
+    `fedq status --broker` shows); TransportError if the broker or a queue is not there."""
+    params = pika.URLParameters(url)
+    params.connection_attempts = 1
+    params.socket_timeout = timeout_s
+    params.blocked_connection_timeout = timeout_s
+    try:
+        connection = pika.BlockingConnection(params)
+    except pika.exceptions.AMQPError as e:
+        raise TransportError(
+            f"cannot reach the broker at {params.host}:{params.port}: {e!r}"
+        ) from e
+    out: dict[str, int] = {}
+    try:
+        for queue in queues:
+            channel = connection.channel()
+            try:
+                frame = channel.queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                raise TransportError(f"queue {queue!r}: {e.reply_text}") from e
+            out[queue] = int(frame.method.message_count)
+            if channel.is_open:
+                channel.close()
+    finally:
+        if connection.is_open:
+            connection.close()
+    return out
