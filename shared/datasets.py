@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from shared.errors import ConfigError, DatasetError, RegistryError
-from shared.references import import_callable
+from shared.references import call_reference
 
 SPLITS = ("train", "test")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -83,7 +83,9 @@ def load_dataset(name: str, split: str, *, allowed_modules: Collection[str] = ()
     if kind == "torchvision" and rest:
         return _load_torchvision(rest, split)
     if rest:
-        dataset = import_callable(name, allowed_modules)(split)
+        dataset = call_reference(
+            name, allowed_modules, split, 'function(split), split "train" or "test"'
+        )
         if not isinstance(dataset, Dataset):
             raise RegistryError(f"data factory {name!r} returned {type(dataset).__name__}")
         return dataset

@@ -10,7 +10,7 @@ from torch import nn
 
 from shared.errors import RegistryError, TensorError
 from shared.jobs import ModelSpec
-from shared.references import import_callable
+from shared.references import call_reference
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -133,7 +133,8 @@ def _build_unseeded(spec: ModelSpec, allowed_modules: Collection[str]) -> nn.Mod
     if name.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(name.removeprefix(TORCHVISION_PREFIX), spec)
     if ":" in name:
-        model = import_callable(name, allowed_modules)(spec)
+        called_as = "function(spec), spec a ModelSpec with name, input_shape, num_classes"
+        model = call_reference(name, allowed_modules, spec, called_as)
         if not isinstance(model, nn.Module):
             raise RegistryError(
                 f"model factory {name!r} returned {type(model).__name__}, not a Module"

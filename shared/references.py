@@ -106,3 +106,18 @@ def import_callable(reference: str, allowed_modules: Collection[str]) -> Callabl
             f"{sorted(allowed_modules)}"
         )
     return target  # type: ignore[no-any-return]
+
+
+def call_reference(
+    reference: str, allowed_modules: Collection[str], argument: Any, called_as: str
+) -> Any:
+    """Import an allowed "package.module:function" and call it with one argument; what the
+    user's function raises comes out as a RegistryError that names it and says how it is called
+    (`called_as`), not as a traceback from deep inside a service."""
+    function = import_callable(reference, allowed_modules)
+    try:
+        return function(argument)
+    except Exception as e:  # the user's code: any error is theirs to read, with its cause
+        raise RegistryError(
+            f"{reference!r} raised {type(e).__name__}: {e} (it is called as {called_as})"
+        ) from e

@@ -147,6 +147,9 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
 
         def not_a_model(spec):
             return "a string"
+
+        def two_arguments(input_shape, num_classes):
+            return nn.Identity()
     """
     (tmp_path / f"{USER_MODULE}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -165,6 +168,16 @@ def test_a_user_factory_returning_no_module_raises_registry_error(user_module: s
     with pytest.raises(RegistryError, match="str"):
         build_model(
             ModelSpec(f"{user_module}:not_a_model", DIGITS, 3), allowed_modules=[user_module]
+        )
+
+
+def test_a_user_factory_that_raises_is_a_registry_error_saying_how_it_is_called(
+    user_module: str,
+) -> None:
+    # A factory written for another signature raised TypeError through `fedq submit`.
+    with pytest.raises(RegistryError, match=r"raised TypeError: .* called as function\(spec\)"):
+        build_model(
+            ModelSpec(f"{user_module}:two_arguments", DIGITS, 3), allowed_modules=[user_module]
         )
 
 
